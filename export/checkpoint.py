@@ -1,0 +1,195 @@
+"""Checkpoints: one file holds the architecture name, its config and the weights.
+
+Two formats, both loaded without executing code:
+- ``.pt``: a ``torch.save`` of ``{"format", "version", "architecture", "config",
+  "state_dict"}``, read with ``torch.load(weights_only=True)``;
+- ``.safetensors``: the weights, with ``architecture`` and ``config`` (JSON) in the
+  header's ``__metadata__``; a ``config.json`` beside the file holding
+  ``{"architecture": ..., "config": {...}}`` is read when the header has none.
+
+Demo checkpoints are made from a fixed seed: the same bytes every time.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import pickle
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import atomic
+from .errors import ExportError, cli_errors
+from .models import get
+from .models.common import config_from_dict
+
+FORMAT = "model-export-checkpoint"
+VERSION = 1
+
+DEMO_CONFIGS = {
+    "student": dict(vocab_size=1024, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=256, max_positions=4096),
+    "judge": dict(vocab_size=1024, d_model=96, n_layers=2, n_heads=4, ffn_hidden=192, max_positions=4096),
+}
+DEMO_SEED = 20261126
+
+
+class Loaded:
+    """A checkpoint read and checked: its architecture entry, config and weights."""
+
+    def __init__(self, path: Path, arch, config, state_dict):
+        self.path, self.arch, self.config, self.state_dict = path, arch, config, state_dict
+
+    def model(self) -> torch.nn.Module:
+        """The model with these weights, in eval mode."""
+        with torch.device("meta"):
+            model = self.arch.build(self.config)
+        model = model.to_empty(device="cpu")
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(self.state_dict))
+        unexpected = sorted(set(self.state_dict) - set(expected))
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing {_few(missing)}")
+            if unexpected:
+                parts.append(f"unexpected {_few(unexpected)}")
+            raise ExportError("weights do not match the architecture: " + "; ".join(parts), file=self.path, field="state_dict")
+        for name, t in self.state_dict.items():
+            if tuple(t.shape) != tuple(expected[name].shape):
+                raise ExportError(
+                    f"shape {tuple(t.shape)} does not match the config's {tuple(expected[name].shape)}",
+                    file=self.path, field=f"state_dict.{name}",
+                )
+        model.load_state_dict(self.state_dict, strict=True, assign=True)
+        return model.float().eval()
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _read_pt(path: Path) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
+        raise ExportError(
+            f"refused: the file asks to run code or build objects on load, which is never done ({first[:160]})",
+            file=path, field="pickle",
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise ExportError(f"not a readable checkpoint (corrupt or truncated): {str(e).splitlines()[0][:160]}", file=path, field="file") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise ExportError(f"not a model-export checkpoint (expected a dict with format={FORMAT!r})", file=path, field="format")
+    if obj.get("version") != VERSION:
+        raise ExportError(f"unsupported checkpoint version {obj.get('version')!r}; this tool reads {VERSION}", file=path, field="version")
+    return obj
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ExportError(f"not a readable safetensors file (corrupt, truncated or a lying header): {str(e)[:160]}", file=path, field="header") from None
+    if "architecture" in meta:
+        try:
+            config = json.loads(meta.get("config", "{}"))
+        except json.JSONDecodeError as e:
+            raise ExportError(f"not JSON: {e}", file=path, field="__metadata__.config") from None
+        return {"architecture": meta["architecture"], "config": config, "state_dict": state}
+    side = path.with_name("config.json")
+    if not side.exists():
+        raise ExportError("no architecture in the header metadata and no config.json beside the file", file=path, field="__metadata__.architecture")
+    try:
+        sidecar = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"not JSON: {e}", file=side, field="config.json") from None
+    if not isinstance(sidecar, dict):
+        raise ExportError("expected an object with architecture and config", file=side, field="config.json")
+    return {"architecture": sidecar.get("architecture"), "config": sidecar.get("config", {}), "state_dict": state}
+
+
+def load(path: Path | str) -> Loaded:
+    """Read and check a checkpoint. Never executes code from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError("no such checkpoint file", file=path, field="checkpoint")
+    if path.stat().st_size == 0:
+        raise ExportError("empty file (zero bytes)", file=path, field="file")
+    obj = _read_safetensors(path) if path.suffix == ".safetensors" else _read_pt(path)
+    arch = get(obj.get("architecture"), file=path, field="architecture")
+    config = config_from_dict(arch.config_cls, obj.get("config"), file=path, field="config")
+    state = obj.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ExportError("expected a mapping of names to tensors", file=path, field="state_dict")
+    return Loaded(path, arch, config, state)
+
+
+def to_bytes(architecture: str, config, state_dict: dict) -> bytes:
+    buf = io.BytesIO()
+    payload = {
+        "format": FORMAT, "version": VERSION, "architecture": architecture,
+        "config": asdict(config), "state_dict": {k: v.detach().contiguous() for k, v in state_dict.items()},
+    }
+    torch.save(payload, buf)
+    return buf.getvalue()
+
+
+def save(path: Path | str, architecture: str, config, state_dict: dict) -> None:
+    """Write a checkpoint atomically, as ``.pt`` or ``.safetensors`` by its suffix."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save
+
+        meta = {"architecture": architecture, "config": json.dumps(asdict(config), sort_keys=True)}
+        atomic.write_bytes(path, save({k: v.detach().contiguous() for k, v in state_dict.items()}, metadata=meta))
+    else:
+        atomic.write_bytes(path, to_bytes(architecture, config, state_dict))
+
+
+def demo_model(architecture: str, overrides: dict | None = None):
+    """(config, model) of the deterministic demo ``architecture``."""
+    arch = get(architecture)
+    config = config_from_dict(arch.config_cls, {**DEMO_CONFIGS[architecture], **(overrides or {})}, field="demo config")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DEMO_SEED)
+        model = arch.build(config)
+    return config, model
+
+
+def make_demo(path: Path | str, architecture: str, overrides: dict | None = None) -> Path:
+    """Write the demo checkpoint of ``architecture`` (same bytes every time)."""
+    config, model = demo_model(architecture, overrides)
+    save(path, architecture, config, model.state_dict())
+    return Path(path)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m export.checkpoint", description="Make a deterministic demo checkpoint, or describe one.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="write a demo checkpoint")
+    d.add_argument("architecture", choices=sorted(DEMO_CONFIGS))
+    d.add_argument("--out", required=True, type=Path, help=".pt or .safetensors")
+    s = sub.add_parser("show", help="print a checkpoint's architecture and config")
+    s.add_argument("checkpoint", type=Path)
+    args = p.parse_args(argv)
+    with cli_errors():
+        if args.cmd == "demo":
+            make_demo(args.out, args.architecture)
+            print(args.out)
+        else:
+            ck = load(args.checkpoint)
+            ck.model()
+            n = sum(t.numel() for t in ck.state_dict.values())
+            print(json.dumps({"architecture": ck.arch.name, "config": asdict(ck.config), "parameters": n}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Contracts: what an exported (or converted) artifact takes and gives.
+
+Schema ``model-export/contract``, version ``SCHEMA_VERSION`` (see
+``CONTRACT_SCHEMA`` below, and the README's "Contract" section). One contract
+per (mode, T) sits beside the exported files as ``<mode>_T<n>.contract.json``;
+an aggregate ``contract.json`` lists them all under ``functions``.
+
+Fields of a per-(mode, T) contract:
+- ``schema``, ``schema_version``: identify this format; a newer version is refused.
+- ``model``, ``architecture``, ``mode``, ``T``, ``enumerated_T``, ``dtype``.
+- ``inputs``, ``outputs``, ``states``: lists of ``{name, shape, dtype}``.
+- ``exports``: format (``torchscript`` | ``exported_program``) -> ``{file, digest}``
+  with the file name relative to the contract's folder and its xxh3-128 digest.
+- ``checkpoint``: ``{digest}`` of the checkpoint the export came from.
+- ``toolchain``: python, torch, coremltools, numpy, ... versions.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+
+from . import atomic
+from .errors import ExportError
+
+SCHEMA = "model-export/contract"
+SCHEMA_VERSION = 1
+FORMATS = {"torchscript": ".pt", "exported_program": ".pt2"}
+DTYPES = ("int32", "float16", "float32")
+
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "dtype"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1, "maxItems": 5},
+        "dtype": {"enum": list(DTYPES)},
+    },
+}
+_DIGEST = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
+_T = {"type": "integer", "minimum": 1}
+_ENTRY_PROPS = {
+    "mode": {"type": "string"},
+    "T": _T,
+    "dtype": {"enum": ["float16", "float32"]},
+    "inputs": {"type": "array", "items": _TENSOR, "minItems": 1},
+    "outputs": {"type": "array", "items": _TENSOR, "minItems": 1},
+    "states": {"type": "array", "items": _TENSOR},
+    "exports": {
+        "type": "object",
+        "propertyNames": {"enum": list(FORMATS)},
+        "additionalProperties": {
+            "type": "object", "required": ["file", "digest"], "additionalProperties": False,
+            "properties": {"file": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"}, "digest": _DIGEST},
+        },
+    },
+}
+CONTRACT_SCHEMA = {
+    "type": "object",
+    "required": ["schema", "schema_version", "model", "architecture", "mode", "T", "enumerated_T", "dtype",
+                 "inputs", "outputs", "states", "exports", "checkpoint", "toolchain"],
+    "additionalProperties": False,
+    "properties": {
+        "schema": {"const": SCHEMA},
+        "schema_version": {"const": SCHEMA_VERSION},
+        "model": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"},
+        "architecture": {"type": "string"},
+        "enumerated_T": {"type": "array", "items": _T, "uniqueItems": True, "minItems": 1},
+        "checkpoint": {"type": "object", "required": ["digest"], "properties": {"digest": _DIGEST}},
+        "toolchain": {"type": "object", "additionalProperties": {"type": "string"}},
+        **_ENTRY_PROPS,
+    },
+}
+AGGREGATE_SCHEMA = {
+    "type": "object",
+    "required": ["schema", "schema_version", "model", "architecture", "enumerated_T", "functions"],
+    "properties": {
+        "schema": {"const": SCHEMA},
+        "schema_version": {"const": SCHEMA_VERSION},
+        "model": {"type": "string"},
+        "architecture": {"type": "string"},
+        "enumerated_T": {"type": "object", "additionalProperties": {"type": "array", "items": _T}},
+        "functions": {"type": "object", "additionalProperties": CONTRACT_SCHEMA},
+    },
+}
+
+
+def entry_name(mode: str, T: int) -> str:
+    """The stem of every file of one (mode, T): ``prefill_T2048``; also its bundle function name."""
+    return f"{mode}_T{T}"
+
+
+def _field(path) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def validate(data: object, *, file: object, aggregate: bool = False) -> dict:
+    """Check ``data`` against the schema; raise ExportError naming the file and the field."""
+    if isinstance(data, dict):
+        if data.get("schema") not in (None, SCHEMA):
+            raise ExportError(f"not a contract (schema {data.get('schema')!r}, expected {SCHEMA!r})", file=file, field="schema")
+        v = data.get("schema_version")
+        if isinstance(v, int) and not isinstance(v, bool) and v > SCHEMA_VERSION:
+            raise ExportError(f"schema version {v} is newer than this tool reads ({SCHEMA_VERSION}); upgrade model-export", file=file, field="schema_version")
+    schema = AGGREGATE_SCHEMA if aggregate else CONTRACT_SCHEMA
+    err = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(data))
+    if err is not None:
+        raise ExportError(err.message[:300], file=file, field=_field(err.absolute_path))
+    if not aggregate:
+        _check_entry(data, file)
+    return data
+
+
+def _check_entry(c: dict, file) -> None:
+    if c["T"] not in c["enumerated_T"]:
+        raise ExportError(f"T={c['T']} is not one of enumerated_T {c['enumerated_T']}", file=file, field="T")
+    for kind in ("inputs", "outputs", "states"):
+        names = [t["name"] for t in c[kind]]
+        if len(set(names)) != len(names):
+            raise ExportError(f"duplicate names {names}", file=file, field=kind)
+
+
+def read(path: Path | str, *, aggregate: bool = False) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ExportError("no such contract file", file=path, field="contract") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExportError(f"cannot read: {e}", file=path, field="contract") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ExportError(f"not JSON ({e.msg} at line {e.lineno})", file=path, field="contract") from None
+    return validate(data, file=path, aggregate=aggregate)
+
+
+def dumps(data: dict) -> str:
+    """Canonical JSON: sorted keys, fixed indentation, trailing newline (byte-stable)."""
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def write(path: Path | str, data: dict, *, aggregate: bool = False) -> None:
+    validate(data, file=path, aggregate=aggregate)
+    atomic.write_text(path, dumps(data))
+
+
+def aggregate(contracts: list[dict]) -> dict:
+    """The aggregate contract of one model: every (mode, T) entry under ``functions``."""
+    if not contracts:
+        raise ExportError("no per-(mode, T) contracts to aggregate", field="functions")
+    first = contracts[0]
+    modes: dict[str, list[int]] = {}
+    for c in contracts:
+        modes.setdefault(c["mode"], []).append(c["T"])
+    return {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+        "model": first["model"], "architecture": first["architecture"],
+        "enumerated_T": {m: sorted(ts) for m, ts in modes.items()},
+        "functions": {entry_name(c["mode"], c["T"]): c for c in contracts},
+    }

@@ -1,0 +1,228 @@
+"""Checkpoint -> exported programs per (mode, T) + contracts.
+
+For every (mode, T): ``<mode>_T<n>.pt`` (TorchScript), ``<mode>_T<n>.pt2``
+(ExportedProgram) and ``<mode>_T<n>.contract.json``; the CLI also writes the
+aggregate ``contract.json``. Exports are byte-stable: the same checkpoint and
+toolchain give the same bytes in any process (see ``_canonical_torchscript``).
+
+    python -m export.export_pytorch --checkpoint ck.pt --out exported/ \\
+        --mode both --enumerated-T 512 1024 2048
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import re
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+
+from . import atomic, contract, shape_sets
+from .checkpoint import Loaded, load
+from .digest import bytes_digest, file_digest
+from .errors import ExportError, cli_errors
+from .toolchain import versions
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "float32": torch.float32, "float16": torch.float16}
+EXAMPLE_SEED = 0
+
+
+def _dtype_name(dtype: str) -> str:
+    return {"fp32": "float32", "fp16": "float16"}.get(dtype, dtype)
+
+
+def _canonical_torchscript(data: bytes) -> bytes:
+    """Make a ``torch.jit.save`` archive byte-stable.
+
+    TorchScript names classes ``___torch_mangle_N`` with a per-process counter,
+    and its debug tables hold absolute source paths. Renumber the mangles in
+    order of first appearance, drop the optional ``*.debug_pkl`` tables
+    (TorchScript loads without them) and derive ``.data/serialization_id`` from
+    the remaining content. Rewrites keep pickles valid because renumbered names
+    keep their length (numbers are zero-padded to the width they replace).
+    """
+    src = zipfile.ZipFile(io.BytesIO(data))
+    entries = [(i, src.read(i.filename)) for i in src.infolist() if not i.filename.endswith(".debug_pkl")]
+    content_id = str(int(bytes_digest(b"".join(b for i, b in entries if not i.filename.endswith("serialization_id"))), 16))
+    mangles: dict[bytes, bytes] = {}
+    pat = re.compile(rb"___torch_mangle_(\d+)")
+    for _, blob in entries:
+        for m in pat.finditer(blob):
+            mangles.setdefault(m.group(1), b"")
+    for n, old in enumerate(mangles):
+        mangles[old] = str(n).zfill(len(old)).encode()
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as dst:
+        for info, blob in entries:
+            name = info.filename
+            if mangles:
+                blob = pat.sub(lambda m: b"___torch_mangle_" + mangles[m.group(1)], blob)
+                name = pat.sub(lambda m: b"___torch_mangle_" + mangles[m.group(1)], name.encode()).decode()
+            if name.endswith("/.data/serialization_id"):
+                blob = content_id.zfill(40).encode()
+            zi = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            zi.external_attr = 0o644 << 16
+            dst.writestr(zi, blob)
+    return out.getvalue()
+
+
+def export_torchscript(wrapper, example) -> bytes:
+    # check_trace=False: the default re-runs the whole forward pass to check the trace.
+    traced = torch.jit.trace(wrapper, example, check_trace=False, strict=True, _store_inputs=False,
+                             _compilation_unit=torch._C.CompilationUnit())
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    return _canonical_torchscript(buf.getvalue())
+
+
+def export_program(wrapper, example) -> bytes:
+    """``torch.export`` traces with fake tensors: no real forward pass, whatever T is."""
+    ep = torch.export.export(wrapper, example, strict=False)
+    for node in ep.graph.nodes:  # absolute source paths would make the bytes depend on the checkout
+        node.meta.pop("stack_trace", None)
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    return buf.getvalue()
+
+
+EXPORTERS = {"torchscript": export_torchscript, "exported_program": export_program}
+
+
+def export_entry(ck: Loaded, model: torch.nn.Module, out_dir: Path, *, model_name: str, mode: str, T: int,
+                 enumerated_T: list[int], formats: list[str], dtype: str = "fp32",
+                 checkpoint_digest: str | None = None) -> dict:
+    """Export one (mode, T) of a loaded model in each format; write its files and contract atomically."""
+    arch, dt = ck.arch, DTYPES[dtype]
+    if mode not in arch.modes:
+        raise ExportError(f"architecture {arch.name!r} has no mode {mode!r}; it has {list(arch.modes)}", file=ck.path, field="mode")
+    shape_sets.check_ts([T], file=ck.path, field="T", max_positions=arch.max_positions(ck.config))
+    spec = arch.io(ck.config, mode, T, _dtype_name(dtype))
+    gen = torch.Generator().manual_seed(EXAMPLE_SEED)
+    example = arch.example_inputs(ck.config, mode, T, dt, gen)
+    wrapper = arch.wrap(model.to(dt), mode).eval()
+    stem = contract.entry_name(mode, T)
+    blobs = {}
+    with torch.no_grad():
+        for fmt in formats:
+            blobs[fmt] = EXPORTERS[fmt](wrapper, example)
+    data = {
+        "schema": contract.SCHEMA, "schema_version": contract.SCHEMA_VERSION,
+        "model": model_name, "architecture": arch.name, "mode": mode, "T": T,
+        "enumerated_T": sorted(enumerated_T), "dtype": _dtype_name(dtype),
+        "inputs": [t.to_json() for t in spec.inputs], "outputs": [t.to_json() for t in spec.outputs], "states": [],
+        "exports": {fmt: {"file": stem + contract.FORMATS[fmt], "digest": bytes_digest(b)} for fmt, b in blobs.items()},
+        "checkpoint": {"digest": checkpoint_digest or file_digest(ck.path)},
+        "toolchain": versions(),
+    }
+    for fmt, blob in blobs.items():
+        atomic.write_bytes(out_dir / (stem + contract.FORMATS[fmt]), blob)
+    contract.write(out_dir / f"{stem}.contract.json", data)  # last: the contract commits the entry
+    return data
+
+
+def export_model(checkpoint: Path | str, out_dir: Path | str, *, modes: list[str] | None = None,
+                 enumerated_T: list[int] | dict[str, list[int]] | None = None,
+                 formats: list[str] = ("torchscript", "exported_program"), dtype: str = "fp32",
+                 model_name: str | None = None, shape_sets_file: Path | str | None = None,
+                 shape_set: str | None = None) -> dict:
+    """Export every (mode, T) of a checkpoint; returns the aggregate contract (also written as contract.json).
+
+    ``enumerated_T`` is a list (every mode) or a mode -> list mapping; by default
+    the shape set named ``shape_set`` (else the architecture's name, else
+    ``default``) of ``shape_sets_file`` (default ``./shape_sets.json``).
+    """
+    ck = load(checkpoint)
+    out_dir = Path(out_dir)
+    modes = list(modes or ck.arch.modes)
+    name = model_name or ck.arch.name
+    per_mode = _resolve_T(ck, modes, enumerated_T, shape_sets_file, shape_set)
+    _check_writable(out_dir)
+    digest = file_digest(ck.path)
+    model = ck.model()
+    entries = [
+        export_entry(ck, model, out_dir, model_name=name, mode=mode, T=T, enumerated_T=per_mode[mode],
+                     formats=list(formats), dtype=dtype, checkpoint_digest=digest)
+        for mode in modes for T in per_mode[mode]
+    ]
+    agg = contract.aggregate(entries)
+    contract.write(out_dir / "contract.json", agg, aggregate=True)
+    return agg
+
+
+def _resolve_T(ck: Loaded, modes, enumerated_T, shape_sets_file, shape_set) -> dict[str, list[int]]:
+    for m in modes:
+        if m not in ck.arch.modes:
+            raise ExportError(f"architecture {ck.arch.name!r} has no mode {m!r}; it has {list(ck.arch.modes)}", file=ck.path, field="mode")
+    maxpos = ck.arch.max_positions(ck.config)
+    if enumerated_T is not None:
+        table = enumerated_T if isinstance(enumerated_T, dict) else {m: list(enumerated_T) for m in modes}
+        return {m: shape_sets.check_ts(table[m], file="--enumerated-T", field=m, max_positions=maxpos) for m in modes}
+    path = Path(shape_sets_file or "shape_sets.json")
+    sets = shape_sets.load(path)
+    name = shape_set or (ck.arch.name if ck.arch.name in sets else "default")
+    chosen = shape_sets.pick(sets, name, file=path)
+    out = {}
+    for m in modes:
+        if m not in chosen:
+            raise ExportError(f"shape set {name!r} lists no T for mode {m!r}", file=path, field=f"{name}.{m}")
+        out[m] = shape_sets.check_ts(chosen[m], file=path, field=f"{name}.{m}", max_positions=maxpos)
+    return out
+
+
+def _check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic.atomic_path(out_dir / ".write-check") as tmp:
+            tmp.write_bytes(b"")
+        (out_dir / ".write-check").unlink()
+    except ExportError:
+        raise
+    except OSError as e:
+        raise ExportError(f"cannot write the output folder: {e.strerror}", file=out_dir, field="--out") from None
+
+
+class _Args(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, as for every other bad input
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
+def parse_T(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"T must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"T must be a positive integer, got {value}")
+    return value
+
+
+def main(argv=None) -> None:
+    p = _Args(prog="python -m export.export_pytorch", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, type=Path, help=".pt or .safetensors checkpoint")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--mode", default="both", choices=["prefill", "decode", "both"],
+                   help="'both' means every mode the architecture has")
+    p.add_argument("--enumerated-T", nargs="+", type=parse_T, metavar="T",
+                   help="sequence lengths (default: the model's shape set in shape_sets.json)")
+    p.add_argument("--format", default="both", choices=["torchscript", "exported_program", "both"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument("--model-name", help="name recorded in the contracts (default: the architecture)")
+    p.add_argument("--shape-sets", type=Path, help="shape sets file (default: ./shape_sets.json)")
+    p.add_argument("--shape-set", help="which shape set (default: the architecture's name, else 'default')")
+    args = p.parse_args(argv)
+    formats = ["torchscript", "exported_program"] if args.format == "both" else [args.format]
+    with cli_errors():
+        modes = None if args.mode == "both" else [args.mode]
+        agg = export_model(args.checkpoint, args.out, modes=modes, enumerated_T=args.enumerated_T, formats=formats,
+                           dtype=args.dtype, model_name=args.model_name, shape_sets_file=args.shape_sets,
+                           shape_set=args.shape_set)
+        for name, c in agg["functions"].items():
+            files = ", ".join(e["file"] for e in c["exports"].values())
+            print(f"{name}: {files}")
+        print(args.out / "contract.json")
+
+
+if __name__ == "__main__":
+    main()
