@@ -7,7 +7,9 @@ an aggregate ``contract.json`` lists them all under ``functions``.
 
 Fields of a per-(mode, T) contract:
 - ``schema``, ``schema_version``: identify this format; a newer version is refused.
-- ``model``, ``architecture``, ``mode``, ``T``, ``enumerated_T``, ``dtype``.
+- ``model``, ``architecture``, ``mode``, ``T``, ``dtype``. A per-(mode, T) contract
+  names no other T: adding a T to the shape set leaves every other contract's
+  bytes (and so its build) alone. The aggregate lists ``enumerated_T`` per mode.
 - ``inputs``, ``outputs``, ``states``: lists of ``{name, shape, dtype}``.
 - ``exports``: format (``torchscript`` | ``exported_program``) -> ``{file, digest}``
   with the file name relative to the contract's folder and its xxh3-128 digest.
@@ -59,7 +61,7 @@ _ENTRY_PROPS = {
 }
 CONTRACT_SCHEMA = {
     "type": "object",
-    "required": ["schema", "schema_version", "model", "architecture", "mode", "T", "enumerated_T", "dtype",
+    "required": ["schema", "schema_version", "model", "architecture", "mode", "T", "dtype",
                  "inputs", "outputs", "states", "exports", "checkpoint", "toolchain"],
     "additionalProperties": False,
     "properties": {
@@ -67,7 +69,6 @@ CONTRACT_SCHEMA = {
         "schema_version": {"const": SCHEMA_VERSION},
         "model": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"},
         "architecture": {"type": "string"},
-        "enumerated_T": {"type": "array", "items": _T, "uniqueItems": True, "minItems": 1},
         "checkpoint": {"type": "object", "required": ["digest"], "properties": {"digest": _DIGEST}},
         "toolchain": {"type": "object", "additionalProperties": {"type": "string"}},
         **_ENTRY_PROPS,
@@ -117,8 +118,6 @@ def validate(data: object, *, file: object, aggregate: bool = False) -> dict:
 
 
 def _check_entry(c: dict, file) -> None:
-    if c["T"] not in c["enumerated_T"]:
-        raise ExportError(f"T={c['T']} is not one of enumerated_T {c['enumerated_T']}", file=file, field="T")
     for kind in ("inputs", "outputs", "states"):
         names = [t["name"] for t in c[kind]]
         if len(set(names)) != len(names):

@@ -27,6 +27,7 @@ from .toolchain import versions
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "float32": torch.float32, "float16": torch.float16}
 EXAMPLE_SEED = 0
+STEP_TOOLS = ("torch", "numpy")  # what an export depends on (coremltools does not change its bytes)
 
 
 def _dtype_name(dtype: str) -> str:
@@ -91,7 +92,7 @@ EXPORTERS = {"torchscript": export_torchscript, "exported_program": export_progr
 
 
 def export_entry(ck: Loaded, model: torch.nn.Module, out_dir: Path, *, model_name: str, mode: str, T: int,
-                 enumerated_T: list[int], formats: list[str], dtype: str = "fp32",
+                 formats: list[str], dtype: str = "fp32",
                  checkpoint_digest: str | None = None) -> dict:
     """Export one (mode, T) of a loaded model in each format; write its files and contract atomically."""
     arch, dt = ck.arch, DTYPES[dtype]
@@ -110,11 +111,11 @@ def export_entry(ck: Loaded, model: torch.nn.Module, out_dir: Path, *, model_nam
     data = {
         "schema": contract.SCHEMA, "schema_version": contract.SCHEMA_VERSION,
         "model": model_name, "architecture": arch.name, "mode": mode, "T": T,
-        "enumerated_T": sorted(enumerated_T), "dtype": _dtype_name(dtype),
+        "dtype": _dtype_name(dtype),
         "inputs": [t.to_json() for t in spec.inputs], "outputs": [t.to_json() for t in spec.outputs], "states": [],
         "exports": {fmt: {"file": stem + contract.FORMATS[fmt], "digest": bytes_digest(b)} for fmt, b in blobs.items()},
         "checkpoint": {"digest": checkpoint_digest or file_digest(ck.path)},
-        "toolchain": versions(),
+        "toolchain": versions(STEP_TOOLS),
     }
     for fmt, blob in blobs.items():
         atomic.write_bytes(out_dir / (stem + contract.FORMATS[fmt]), blob)
@@ -142,8 +143,7 @@ def export_model(checkpoint: Path | str, out_dir: Path | str, *, modes: list[str
     digest = file_digest(ck.path)
     model = ck.model()
     entries = [
-        export_entry(ck, model, out_dir, model_name=name, mode=mode, T=T, enumerated_T=per_mode[mode],
-                     formats=list(formats), dtype=dtype, checkpoint_digest=digest)
+        export_entry(ck, model, out_dir, model_name=name, mode=mode, T=T, formats=list(formats), dtype=dtype, checkpoint_digest=digest)
         for mode in modes for T in per_mode[mode]
     ]
     agg = contract.aggregate(entries)

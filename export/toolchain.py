@@ -9,9 +9,10 @@ PACKAGES = ("torch", "coremltools", "numpy", "onnx", "onnxruntime")
 
 
 @lru_cache(maxsize=None)
-def versions() -> dict[str, str]:
+def versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
+    """Python's version and each package's (``absent`` when not installed)."""
     out = {"python": platform.python_version()}
-    for name in PACKAGES:
+    for name in packages:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
