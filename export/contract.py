@@ -11,6 +11,8 @@ Fields of a per-(mode, T) contract:
   names no other T: adding a T to the shape set leaves every other contract's
   bytes (and so its build) alone. The aggregate lists ``enumerated_T`` per mode.
 - ``inputs``, ``outputs``, ``states``: lists of ``{name, shape, dtype}``.
+- ``kv_cache`` (optional): ``explicit`` (caches are inputs/outputs) or ``state``
+  (caches are ``states``, buffers the program updates in place).
 - ``exports``: format (``torchscript`` | ``exported_program``) -> ``{file, digest}``
   with the file name relative to the contract's folder and its xxh3-128 digest.
 - ``checkpoint``: ``{digest}`` of the checkpoint the export came from.
@@ -50,6 +52,7 @@ _ENTRY_PROPS = {
     "inputs": {"type": "array", "items": _TENSOR, "minItems": 1},
     "outputs": {"type": "array", "items": _TENSOR, "minItems": 1},
     "states": {"type": "array", "items": _TENSOR},
+    "kv_cache": {"enum": ["explicit", "state"]},
     "exports": {
         "type": "object",
         "propertyNames": {"enum": list(FORMATS)},
@@ -122,6 +125,8 @@ def _check_entry(c: dict, file) -> None:
         names = [t["name"] for t in c[kind]]
         if len(set(names)) != len(names):
             raise ExportError(f"duplicate names {names}", file=file, field=kind)
+    if bool(c["states"]) != (c.get("kv_cache", "explicit") == "state"):
+        raise ExportError(f"kv_cache {c.get('kv_cache', 'explicit')!r} does not agree with states {[t['name'] for t in c['states']]}", file=file, field="kv_cache")
 
 
 def read(path: Path | str, *, aggregate: bool = False) -> dict:

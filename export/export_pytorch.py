@@ -93,16 +93,20 @@ EXPORTERS = {"torchscript": export_torchscript, "exported_program": export_progr
 
 def export_entry(ck: Loaded, model: torch.nn.Module, out_dir: Path, *, model_name: str, mode: str, T: int,
                  formats: list[str], dtype: str = "fp32",
-                 checkpoint_digest: str | None = None) -> dict:
-    """Export one (mode, T) of a loaded model in each format; write its files and contract atomically."""
+                 checkpoint_digest: str | None = None, kv_cache: str = "explicit") -> dict:
+    """Export one (mode, T) of a loaded model in each format; write its files and contract atomically.
+
+    ``kv_cache="state"``: modes with a cache keep it in buffers updated in place
+    (the contract lists them as ``states``); modes without one are unchanged.
+    """
     arch, dt = ck.arch, DTYPES[dtype]
     if mode not in arch.modes:
         raise ExportError(f"architecture {arch.name!r} has no mode {mode!r}; it has {list(arch.modes)}", file=ck.path, field="mode")
     shape_sets.check_ts([T], file=ck.path, field="T", max_positions=arch.max_positions(ck.config))
-    spec = arch.io(ck.config, mode, T, _dtype_name(dtype))
+    spec = arch.io(ck.config, mode, T, _dtype_name(dtype), kv_cache=kv_cache)
     gen = torch.Generator().manual_seed(EXAMPLE_SEED)
-    example = arch.example_inputs(ck.config, mode, T, dt, gen)
-    wrapper = arch.wrap(model.to(dt), mode).eval()
+    example = arch.example_inputs(ck.config, mode, T, dt, gen, kv_cache=kv_cache)
+    wrapper = arch.wrap(model.to(dt), mode, kv_cache=kv_cache, T=T).eval()
     stem = contract.entry_name(mode, T)
     blobs = {}
     with torch.no_grad():
@@ -112,7 +116,8 @@ def export_entry(ck: Loaded, model: torch.nn.Module, out_dir: Path, *, model_nam
         "schema": contract.SCHEMA, "schema_version": contract.SCHEMA_VERSION,
         "model": model_name, "architecture": arch.name, "mode": mode, "T": T,
         "dtype": _dtype_name(dtype),
-        "inputs": [t.to_json() for t in spec.inputs], "outputs": [t.to_json() for t in spec.outputs], "states": [],
+        "inputs": [t.to_json() for t in spec.inputs], "outputs": [t.to_json() for t in spec.outputs],
+        "states": [t.to_json() for t in spec.states], "kv_cache": "state" if spec.states else "explicit",
         "exports": {fmt: {"file": stem + contract.FORMATS[fmt], "digest": bytes_digest(b)} for fmt, b in blobs.items()},
         "checkpoint": {"digest": checkpoint_digest or file_digest(ck.path)},
         "toolchain": versions(STEP_TOOLS),
@@ -127,7 +132,7 @@ def export_model(checkpoint: Path | str, out_dir: Path | str, *, modes: list[str
                  enumerated_T: list[int] | dict[str, list[int]] | None = None,
                  formats: list[str] = ("torchscript", "exported_program"), dtype: str = "fp32",
                  model_name: str | None = None, shape_sets_file: Path | str | None = None,
-                 shape_set: str | None = None) -> dict:
+                 shape_set: str | None = None, kv_cache: str = "explicit") -> dict:
     """Export every (mode, T) of a checkpoint; returns the aggregate contract (also written as contract.json).
 
     ``enumerated_T`` is a list (every mode) or a mode -> list mapping; by default
@@ -143,7 +148,8 @@ def export_model(checkpoint: Path | str, out_dir: Path | str, *, modes: list[str
     digest = file_digest(ck.path)
     model = ck.model()
     entries = [
-        export_entry(ck, model, out_dir, model_name=name, mode=mode, T=T, formats=list(formats), dtype=dtype, checkpoint_digest=digest)
+        export_entry(ck, model, out_dir, model_name=name, mode=mode, T=T, formats=list(formats), dtype=dtype,
+                     checkpoint_digest=digest, kv_cache=kv_cache)
         for mode in modes for T in per_mode[mode]
     ]
     agg = contract.aggregate(entries)
@@ -208,6 +214,8 @@ def main(argv=None) -> None:
                    help="sequence lengths (default: the model's shape set in shape_sets.json)")
     p.add_argument("--format", default="both", choices=["torchscript", "exported_program", "both"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument("--kv-cache", default="explicit", choices=["explicit", "state"],
+                   help="decode's K/V cache: inputs/outputs, or in-place buffers (Core ML states, iOS18+)")
     p.add_argument("--model-name", help="name recorded in the contracts (default: the architecture)")
     p.add_argument("--shape-sets", type=Path, help="shape sets file (default: ./shape_sets.json)")
     p.add_argument("--shape-set", help="which shape set (default: the architecture's name, else 'default')")
@@ -217,7 +225,7 @@ def main(argv=None) -> None:
         modes = None if args.mode == "both" else [args.mode]
         agg = export_model(args.checkpoint, args.out, modes=modes, enumerated_T=args.enumerated_T, formats=formats,
                            dtype=args.dtype, model_name=args.model_name, shape_sets_file=args.shape_sets,
-                           shape_set=args.shape_set)
+                           shape_set=args.shape_set, kv_cache=args.kv_cache)
         for name, c in agg["functions"].items():
             files = ", ".join(e["file"] for e in c["exports"].values())
             print(f"{name}: {files}")

@@ -81,13 +81,14 @@ class Judge(nn.Module):
         return self.head(pooled)
 
 
-def wrap(model: Judge, mode: str) -> nn.Module:
+def wrap(model: Judge, mode: str, kv_cache: str = "explicit", T: int | None = None) -> nn.Module:
+    """The judge has no cache: ``kv_cache`` does not change it."""
     if mode != "prefill":
         raise KeyError(mode)
     return model
 
 
-def io(c: JudgeConfig, mode: str, T: int, dtype: str = "float32") -> ModeSpec:
+def io(c: JudgeConfig, mode: str, T: int, dtype: str = "float32", kv_cache: str = "explicit") -> ModeSpec:
     if mode != "prefill":
         raise KeyError(mode)
     return ModeSpec(
@@ -96,7 +97,8 @@ def io(c: JudgeConfig, mode: str, T: int, dtype: str = "float32") -> ModeSpec:
     )
 
 
-def example_inputs(c: JudgeConfig, mode: str, T: int, dtype: torch.dtype, generator: torch.Generator):
+def example_inputs(c: JudgeConfig, mode: str, T: int, dtype: torch.dtype, generator: torch.Generator,
+                   kv_cache: str = "explicit"):
     ids = torch.randint(0, c.vocab_size, (1, T), dtype=torch.int32, generator=generator)
     mask = torch.ones(1, T, dtype=torch.int32)
     mask[:, T - T // 4:] = 0  # a padded tail

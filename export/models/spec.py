@@ -35,6 +35,7 @@ class ModeSpec:
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    states: tuple[TensorSpec, ...] = ()  # buffers the program updates in place (Core ML states)
 
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
@@ -50,11 +51,15 @@ class Architecture:
     - ``config_cls``: a dataclass sizing the model; ``from_dict`` validates.
     - ``build(config)``: an ``nn.Module`` with random (seeded by the caller) weights.
     - ``modes``: the modes it supports, in order.
-    - ``io(config, mode, T, dtype)``: the ``ModeSpec`` of that mode at T.
-    - ``wrap(model, mode)``: a module whose ``forward`` takes the mode's inputs
-      positionally, in declared order, and returns its outputs as a tuple in
-      declared order (the exported signature).
-    - ``example_inputs(config, mode, T, dtype, generator)``: valid inputs.
+    - ``io(config, mode, T, dtype, kv_cache="explicit")``: the ``ModeSpec`` of that mode at T.
+    - ``wrap(model, mode, kv_cache="explicit", T=None)``: a module whose ``forward`` takes the
+      mode's inputs positionally, in declared order, and returns its outputs as
+      a tuple in declared order (the exported signature).
+    - ``example_inputs(config, mode, T, dtype, generator, kv_cache="explicit")``: valid inputs.
+
+    ``kv_cache``: ``"explicit"`` (caches are inputs and outputs) or ``"state"``
+    (caches are buffers updated in place, declared as ``states``; needs T in
+    ``wrap``). Modes without a cache ignore it.
     """
 
     name: str
@@ -69,3 +74,4 @@ class Architecture:
 
 TORCH_DTYPES = {"float32": "float32", "float16": "float16", "int32": "int32"}
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16"}
+KV_CACHE_STYLES = ("explicit", "state")

@@ -21,7 +21,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .names import ARCHITECTURE_MODES
-from .spec import MASK_VALUE, ModeSpec, TensorSpec
+from .spec import KV_CACHE_STYLES, MASK_VALUE, ModeSpec, TensorSpec
 
 MODES = ARCHITECTURE_MODES["student"]
 
@@ -140,8 +140,12 @@ class Student(nn.Module):
             vs.append(v)
         return self.lm_head(self.norm(x)), torch.stack(ks), torch.stack(vs)
 
-    def decode(self, input_ids, position_ids, k_cache, v_cache):
-        """One token at ``position_ids`` over a cache of capacity T; slots >= position are ignored."""
+    def decode(self, input_ids, position_ids, k_cache, v_cache, write_cache: bool = False):
+        """One token at ``position_ids`` over a cache of capacity T; slots >= position are ignored.
+
+        ``write_cache``: also write the token's K/V into slot ``position`` of
+        ``k_cache``/``v_cache`` in place (the stateful variant's buffers).
+        """
         x = self.embed(input_ids)
         cos, sin = self._rotary(position_ids, x.dtype)
         slots = torch.arange(k_cache.shape[3], dtype=torch.int32).view(1, 1, -1, 1)
@@ -153,6 +157,9 @@ class Student(nn.Module):
             q, k, v = block.qkv(x, cos, sin)
             k_all = torch.where(here, k, k_cache[i])
             v_all = torch.where(here, v, v_cache[i])
+            if write_cache:
+                k_cache[i] = k_all
+                v_cache[i] = v_all
             x = block.finish(x, q, k_all, v_all, mask)
             ks.append(k)
             vs.append(v)
@@ -177,13 +184,43 @@ class _Decode(nn.Module):
         return self.model.decode(input_ids, position_ids, k_cache, v_cache)
 
 
-def wrap(model: Student, mode: str) -> nn.Module:
+class _StatefulDecode(nn.Module):
+    """Decode whose K/V caches are fp16 buffers updated in place: Core ML turns them into states."""
+
+    def __init__(self, model, T: int):
+        super().__init__()
+        self.model = model
+        c = model.c
+        kv = (c.n_layers, 1, c.n_kv_heads, T, c.head_dim)
+        self.register_buffer("k_cache", torch.zeros(kv, dtype=torch.float16))
+        self.register_buffer("v_cache", torch.zeros(kv, dtype=torch.float16))
+
+    def forward(self, input_ids, position_ids):
+        logits, _, _ = self.model.decode(input_ids, position_ids, self.k_cache, self.v_cache, write_cache=True)
+        return (logits,)
+
+
+def wrap(model: Student, mode: str, kv_cache: str = "explicit", T: int | None = None) -> nn.Module:
+    if kv_cache not in KV_CACHE_STYLES:
+        raise KeyError(kv_cache)
+    if mode == "decode" and kv_cache == "state":
+        if T is None:
+            raise ValueError("the stateful decode needs the cache capacity T")
+        return _StatefulDecode(model, T)
     return {"prefill": _Prefill, "decode": _Decode}[mode](model)
 
 
-def io(c: StudentConfig, mode: str, T: int, dtype: str = "float32") -> ModeSpec:
+def io(c: StudentConfig, mode: str, T: int, dtype: str = "float32", kv_cache: str = "explicit") -> ModeSpec:
     kv = (c.n_layers, 1, c.n_kv_heads, T, c.head_dim)
     new_kv = (c.n_layers, 1, c.n_kv_heads, 1, c.head_dim)
+    if kv_cache not in KV_CACHE_STYLES:
+        raise KeyError(kv_cache)
+    if mode == "decode" and kv_cache == "state":
+        return ModeSpec(
+            inputs=(TensorSpec("input_ids", (1, 1), "int32"), TensorSpec("position_ids", (1, 1), "int32")),
+            outputs=(TensorSpec("logits", (1, 1, c.vocab_size), dtype),),
+            states=(TensorSpec("k_cache", kv, "float16"), TensorSpec("v_cache", kv, "float16")),
+        )
     if mode == "prefill":
         return ModeSpec(
             inputs=(TensorSpec("input_ids", (1, T), "int32"), TensorSpec("position_ids", (1, T), "int32")),
@@ -210,11 +247,14 @@ def io(c: StudentConfig, mode: str, T: int, dtype: str = "float32") -> ModeSpec:
     raise KeyError(mode)
 
 
-def example_inputs(c: StudentConfig, mode: str, T: int, dtype: torch.dtype, generator: torch.Generator):
+def example_inputs(c: StudentConfig, mode: str, T: int, dtype: torch.dtype, generator: torch.Generator,
+                   kv_cache: str = "explicit"):
     if mode == "prefill":
         ids = torch.randint(0, c.vocab_size, (1, T), dtype=torch.int32, generator=generator)
         return ids, torch.arange(T, dtype=torch.int32)[None]
     kv = (c.n_layers, 1, c.n_kv_heads, T, c.head_dim)
     ids = torch.randint(0, c.vocab_size, (1, 1), dtype=torch.int32, generator=generator)
     pos = torch.tensor([[T // 2]], dtype=torch.int32)
+    if kv_cache == "state":
+        return ids, pos
     return ids, pos, torch.randn(kv, generator=generator).to(dtype), torch.randn(kv, generator=generator).to(dtype)
