@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from pathlib import Path
 
 import xxhash
@@ -43,3 +45,69 @@ def tree_digest(root: Path | str) -> str:
 
 def path_digest(path: Path | str) -> str:
     return tree_digest(path) if Path(path).is_dir() else file_digest(path)
+
+
+# ---------------------------------------------------------------------------
+# The stat cache: a file is hashed at most once per change, not once per task
+# per run. Keyed by (device, inode, size, mtime_ns, ctime_ns); an entry whose
+# mtime is too recent to be trusted (the file could still change within the
+# same clock tick) is used but not stored.
+
+RACY_SECONDS = 2.0
+
+
+class StatCache:
+    def __init__(self, path: Path | str):
+        self.db_path = Path(path)
+        self._conn = None
+        self._pid = None
+
+    def _db(self) -> sqlite3.Connection | None:
+        if self._conn is None or self._pid != os.getpid():  # never share a connection across fork
+            try:
+                self.db_path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, stat TEXT, digest TEXT)")
+            except sqlite3.Error:
+                return None  # an unusable cache only costs hashing time
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    @staticmethod
+    def _key(st: os.stat_result) -> str:
+        return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+    def file(self, path: Path | str, st: os.stat_result | None = None) -> str:
+        """The xxh3-128 digest of a file, from the cache when its stat is unchanged."""
+        path = os.path.abspath(path)
+        st = st or os.stat(path)
+        key = self._key(st)
+        db = self._db()
+        if db is not None:
+            try:
+                row = db.execute("SELECT digest FROM digests WHERE path=? AND stat=?", (path, key)).fetchone()
+            except sqlite3.Error:
+                row = None
+            if row:
+                return row[0]
+        digest = file_digest(path)
+        if db is not None and time.time() - st.st_mtime > RACY_SECONDS:
+            try:
+                db.execute("INSERT OR REPLACE INTO digests VALUES (?,?,?)", (path, key, digest))
+            except sqlite3.Error:
+                pass
+        return digest
+
+    def tree(self, root: Path | str) -> str:
+        """Like ``tree_digest`` with every file digest from the cache."""
+        root = Path(root)
+        h = xxhash.xxh3_128()
+        for rel in tree_files(root):
+            h.update(rel.encode() + b"\0" + self.file(root / rel).encode() + b"\n")
+        return h.hexdigest()
+
+    def any(self, p: Path | str) -> str:
+        """A file's or a directory's digest."""
+        return self.tree(p) if Path(p).is_dir() else self.file(p)

@@ -1,0 +1,12 @@
+"""The build: `doit` rebuilds what changed; `doit list` shows every task.
+
+Thin on purpose: the graph lives in export/tasks.py, the config in
+pyproject.toml ([tool.export]) and shape_sets.json. Loading it imports no
+torch or coremltools.
+"""
+import sys
+
+from export import tasks
+from export.tasks import task_checkpoint, task_export_pytorch  # noqa: F401  (doit finds task_* here)
+
+DOIT_CONFIG = tasks.setup(__file__, sys.argv)

@@ -1,0 +1,170 @@
+"""The pipeline config: ``[tool.export]`` in pyproject.toml plus shape_sets.json.
+
+```toml
+[tool.export]
+artifacts = "artifacts"            # build outputs
+shape_sets = "shape_sets.json"
+
+[[tool.export.models]]
+name = "student"                   # a plain name: it is also a folder name
+architecture = "student"
+checkpoint = "demo"                # "demo" (made on demand, deterministic) or a path
+shape_set = "default"              # a set of shape_sets.json
+modes = ["prefill", "decode"]      # default: every mode of the architecture
+formats = ["exported_program"]     # export formats: exported_program, torchscript
+convert_from = "exported_program"  # which export Core ML converts
+dtype = "fp32"                     # export dtype: fp32 | fp16
+coreml = { compute_precision = "fp16" }   # Core ML options, see export.coreml_options
+```
+Every error names the file and the field. Imports no torch.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import shape_sets as shape_sets_mod
+from .coreml_options import CoreMLOptions
+from .errors import ExportError
+from .models.names import ARCHITECTURE_MODES, ARCHITECTURE_NAMES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+FORMATS = ("exported_program", "torchscript")
+TOP_KEYS = {"artifacts", "shape_sets", "models"}
+MODEL_KEYS = {"name", "architecture", "checkpoint", "shape_set", "modes", "formats", "convert_from", "dtype", "coreml"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    architecture: str
+    checkpoint: str  # "demo" or a path relative to the project
+    shape_set: str
+    modes: tuple[str, ...]
+    enumerated_T: dict[str, tuple[int, ...]]
+    formats: tuple[str, ...]
+    convert_from: str
+    dtype: str
+    coreml: CoreMLOptions
+
+    @property
+    def is_demo(self) -> bool:
+        return self.checkpoint == "demo"
+
+    def leaves(self):
+        """(mode, T) pairs, in a stable order."""
+        return [(m, t) for m in self.modes for t in self.enumerated_T[m]]
+
+
+@dataclass(frozen=True)
+class Config:
+    root: Path
+    artifacts: Path
+    shape_sets_file: Path
+    models: tuple[ModelConfig, ...] = field(default_factory=tuple)
+
+    def model(self, name: str) -> ModelConfig:
+        return next(m for m in self.models if m.name == name)
+
+
+def _expect(value, kind, *, file, field, what=None):
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        want = what or getattr(kind, "__name__", str(kind))
+        raise ExportError(f"expected {want}, got {value!r}", file=file, field=field)
+    return value
+
+
+def _str_list(value, *, file, field, allowed) -> tuple[str, ...]:
+    _expect(value, list, file=file, field=field, what="a list")
+    if not value:
+        raise ExportError("must not be empty", file=file, field=field)
+    for i, v in enumerate(value):
+        if v not in allowed:
+            raise ExportError(f"unknown value {v!r}; allowed: {list(allowed)}", file=file, field=f"{field}[{i}]")
+    if len(set(value)) != len(value):
+        raise ExportError(f"duplicate values in {value}", file=file, field=field)
+    return tuple(value)
+
+
+def load(root: Path | str = ".") -> Config:
+    root = Path(root).resolve()
+    file = root / "pyproject.toml"
+    try:
+        data = tomllib.loads(file.read_text())
+    except FileNotFoundError:
+        raise ExportError("no pyproject.toml in the project folder", file=file, field="tool.export") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"not valid TOML: {e}", file=file, field="(file)") from None
+    table = data.get("tool", {}).get("export")
+    if table is None:
+        raise ExportError("no [tool.export] table", file=file, field="tool.export")
+    return parse(table, root=root, file=file)
+
+
+def parse(table: object, *, root: Path, file: Path) -> Config:
+    _expect(table, dict, file=file, field="tool.export", what="a table")
+    unknown = sorted(set(table) - TOP_KEYS)
+    if unknown:
+        raise ExportError(f"unknown key(s) {unknown}; known: {sorted(TOP_KEYS)}", file=file, field=f"tool.export.{unknown[0]}")
+    artifacts = root / _expect(table.get("artifacts", "artifacts"), str, file=file, field="tool.export.artifacts")
+    sets_file = root / _expect(table.get("shape_sets", "shape_sets.json"), str, file=file, field="tool.export.shape_sets")
+    models_raw = table.get("models")
+    if models_raw is None:
+        raise ExportError("no models: add at least one [[tool.export.models]]", file=file, field="tool.export.models")
+    _expect(models_raw, list, file=file, field="tool.export.models", what="an array of tables")
+    if not models_raw:
+        raise ExportError("the model list is empty", file=file, field="tool.export.models")
+    sets = shape_sets_mod.load(sets_file)
+    models, seen = [], {}
+    for i, raw in enumerate(models_raw):
+        m = _model(raw, i, sets=sets, sets_file=sets_file, file=file)
+        if m.name in seen:
+            raise ExportError(f"duplicate model name {m.name!r} (also models[{seen[m.name]}])", file=file, field=f"tool.export.models[{i}].name")
+        seen[m.name] = i
+        models.append(m)
+    return Config(root=root, artifacts=artifacts, shape_sets_file=sets_file, models=tuple(models))
+
+
+def _model(raw, i, *, sets, sets_file, file) -> ModelConfig:
+    at = f"tool.export.models[{i}]"
+    _expect(raw, dict, file=file, field=at, what="a table")
+    unknown = sorted(set(raw) - MODEL_KEYS)
+    if unknown:
+        raise ExportError(f"unknown key(s) {unknown}; known: {sorted(MODEL_KEYS)}", file=file, field=f"{at}.{unknown[0]}")
+    if "name" not in raw:
+        raise ExportError("every model needs a name", file=file, field=f"{at}.name")
+    name = _expect(raw["name"], str, file=file, field=f"{at}.name")
+    if not NAME.match(name):
+        raise ExportError(f"{name!r} is not a plain name (letters, digits, '_' and '-'; it becomes a folder name)", file=file, field=f"{at}.name")
+    arch = _expect(raw.get("architecture", name), str, file=file, field=f"{at}.architecture")
+    if arch not in ARCHITECTURE_NAMES:
+        raise ExportError(f"unknown architecture {arch!r}; known: {list(ARCHITECTURE_NAMES)}", file=file, field=f"{at}.architecture")
+    arch_modes = ARCHITECTURE_MODES[arch]
+    modes = _str_list(raw.get("modes", list(arch_modes)), file=file, field=f"{at}.modes", allowed=arch_modes)
+    checkpoint = _expect(raw.get("checkpoint", "demo"), str, file=file, field=f"{at}.checkpoint")
+    if not checkpoint:
+        raise ExportError("must be 'demo' or a path", file=file, field=f"{at}.checkpoint")
+    set_name = _expect(raw.get("shape_set", "default"), str, file=file, field=f"{at}.shape_set")
+    chosen = shape_sets_mod.pick(sets, set_name, file=file, field=f"{at}.shape_set")
+    enumerated = {}
+    for mode in modes:
+        if mode not in chosen:
+            raise ExportError(f"shape set {set_name!r} lists no T for mode {mode!r}", file=sets_file, field=f"{set_name}.{mode}")
+        enumerated[mode] = tuple(chosen[mode])
+    formats = _str_list(raw.get("formats", ["exported_program"]), file=file, field=f"{at}.formats", allowed=FORMATS)
+    convert_from = _expect(raw.get("convert_from", formats[0]), str, file=file, field=f"{at}.convert_from")
+    if convert_from not in formats:
+        raise ExportError(f"{convert_from!r} is not one of this model's formats {list(formats)}", file=file, field=f"{at}.convert_from")
+    dtype = _expect(raw.get("dtype", "fp32"), str, file=file, field=f"{at}.dtype")
+    if dtype not in ("fp32", "fp16"):
+        raise ExportError(f"expected 'fp32' or 'fp16', got {dtype!r}", file=file, field=f"{at}.dtype")
+    coreml = CoreMLOptions.from_dict(raw.get("coreml", {}), file=file, field=f"{at}.coreml")
+    return ModelConfig(name=name, architecture=arch, checkpoint=checkpoint, shape_set=set_name, modes=modes,
+                       enumerated_T=enumerated, formats=formats, convert_from=convert_from, dtype=dtype, coreml=coreml)

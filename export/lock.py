@@ -1,0 +1,43 @@
+"""One build at a time per project: a second ``doit`` waits and says for whom."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+# doit commands that only read: they take no lock.
+READ_ONLY = {"list", "info", "help", "dumpdb", "tabcompletion", "strace"}
+DOIT_COMMANDS = READ_ONLY | {"run", "clean", "forget", "ignore", "reset-dep", "auto"}
+
+_held: FileLock | None = None
+
+
+def command_of(argv: list[str]) -> str:
+    return next((a for a in argv[1:] if a in DOIT_COMMANDS), "run")
+
+
+def acquire(lock_path: Path, argv: list[str]) -> None:
+    """Take the project lock for commands that write; wait (saying so) if it is held.
+
+    ``MODEL_EXPORT_LOCK_WAIT=0`` stops instead of waiting.
+    """
+    global _held
+    if _held is not None or command_of(argv) in READ_ONLY:
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    info = lock_path.with_suffix(".owner")
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        owner = info.read_text().strip() if info.exists() else "unknown"
+        if os.environ.get("MODEL_EXPORT_LOCK_WAIT", "1") == "0":
+            print(f"error: another doit is building this project ({owner}); not waiting (MODEL_EXPORT_LOCK_WAIT=0)", file=sys.stderr)
+            sys.exit(3)
+        print(f"waiting for another doit building this project ({owner}) to finish...", file=sys.stderr, flush=True)
+        lock.acquire()
+    info.write_text(f"pid {os.getpid()}, started {time.strftime('%H:%M:%S')}\n")
+    _held = lock

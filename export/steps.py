@@ -1,0 +1,38 @@
+"""The heavy steps, as the worker runs them (torch and coremltools load here).
+
+Each takes plain arguments (paths as strings) and writes its outputs
+atomically; the planner digests them afterwards.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_checkpoints: dict = {}  # (path, stat) -> (Loaded, model): a checkpoint is loaded once per worker
+
+
+def _loaded(path: str):
+    from .checkpoint import load
+
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _checkpoints:
+        _checkpoints.clear()
+        ck = load(path)
+        _checkpoints[key] = (ck, ck.model())
+    return _checkpoints[key]
+
+
+def checkpoint(out: str, architecture: str) -> None:
+    from .checkpoint import make_demo
+
+    make_demo(out, architecture)
+
+
+def export_pytorch(checkpoint: str, out_dir: str, model: str, mode: str, T: int, formats: list[str], dtype: str,
+                   kv_cache: str = "explicit") -> None:
+    from .export_pytorch import export_entry
+
+    ck, module = _loaded(checkpoint)
+    extra = {"kv_cache": kv_cache} if kv_cache != "explicit" else {}
+    export_entry(ck, module, Path(out_dir), model_name=model, mode=mode, T=T, formats=formats, dtype=dtype, **extra)

@@ -1,0 +1,241 @@
+"""The doit task generators: the graph, its names and its keys.
+
+For each model m, mode and T of m's shape set:
+
+    checkpoint:m (demo only) -> export_pytorch:m.mode.T -> convert_coreml:m.mode.T -> bundle_coreml:m
+    export_onnx:m.mode.T (debug, not in the default set)
+
+Groups ``export_pytorch:T<n>`` and ``convert_coreml:T<n>`` select every model and
+mode at one T. A task's key is (1) its file inputs, by xxh3 content digest
+(``ContentChecker``), (2) its config slice, code digest and toolchain versions
+(``config_changed``), and (3) its outputs being what it last wrote
+(``outputs_intact``). Nothing here imports torch or coremltools.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from doit.dependency import FileChangedChecker
+from doit.exceptions import TaskFailed
+from doit.tools import config_changed
+
+from . import config as config_mod
+from . import lock
+from .contract import entry_name
+from .digest import StatCache, bytes_digest
+from .errors import ExportError
+from .reporter import BuildReporter
+from .toolchain import versions
+
+PACKAGE = Path(__file__).resolve().parent
+STATE_DIR = ".export"  # doit's dependency file, the stat cache, the lock and step logs
+
+# The source files each step's outputs depend on (read as text, never imported).
+STEP_CODE = {
+    "checkpoint": ["checkpoint.py", "models", "atomic.py"],
+    "export_pytorch": ["export_pytorch.py", "checkpoint.py", "models", "contract.py", "atomic.py", "digest.py", "shape_sets.py"],
+    "convert_coreml": ["convert_coreml.py", "coreml_options.py", "contract.py", "atomic.py", "digest.py", "mlpackage.py"],
+    "bundle_coreml": ["bundle.py", "contract.py", "atomic.py", "digest.py", "mlpackage.py"],
+    "export_onnx": ["export_onnx.py", "checkpoint.py", "models", "atomic.py"],
+}
+# The tools whose version can change a step's bytes.
+STEP_TOOLS = {
+    "checkpoint": ("torch",),
+    "export_pytorch": ("torch", "numpy"),
+    "convert_coreml": ("torch", "coremltools", "numpy"),
+    "bundle_coreml": ("coremltools",),
+    "export_onnx": ("torch", "onnx", "onnxruntime", "numpy"),
+}
+
+
+class _State:
+    """What the generators share: the config, the stat cache. Set by ``setup``."""
+
+    config: config_mod.Config | None = None
+    stat: StatCache | None = None
+
+
+S = _State()
+
+
+def code_digest(step: str) -> str:
+    parts = []
+    for name in STEP_CODE[step]:
+        p = PACKAGE / name
+        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
+        for f in files:
+            if f.exists():
+                parts.append(f.relative_to(PACKAGE).as_posix().encode() + b"\0" + f.read_bytes())
+    return bytes_digest(b"\0\0".join(parts))
+
+
+class ContentChecker(FileChangedChecker):
+    """doit's ``check_file_uptodate``: a file changed when its xxh3 digest did."""
+
+    def check_modified(self, file_path, file_stat, state):
+        return state != _stat().file(file_path, file_stat)
+
+    def get_state(self, dep, current_state):
+        digest = _stat().file(dep)
+        return None if digest == current_state else digest
+
+
+def _stat() -> StatCache:
+    if S.stat is None:
+        S.stat = StatCache(Path(STATE_DIR) / "stat-cache.sqlite")
+    return S.stat
+
+
+def setup(dodo_file: str, argv: list[str]) -> dict:
+    """Load the config (exit 2 with one line naming file and field if it is wrong), take the
+    project lock for building commands, and return DOIT_CONFIG."""
+    root = Path(dodo_file).resolve().parent
+    try:
+        S.config = config_mod.load(root)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    state = root / STATE_DIR
+    state.mkdir(exist_ok=True)
+    S.stat = StatCache(state / "stat-cache.sqlite")
+    lock.acquire(state / "lock", argv)
+    BuildReporter.record_path = S.config.artifacts / "last_build.json"
+    return {
+        "dep_file": str(state / "doit.sqlite"),
+        "backend": "sqlite3",
+        "check_file_uptodate": ContentChecker,
+        "reporter": BuildReporter,
+        "default_tasks": ["checkpoint", "export_pytorch", "convert_coreml", "bundle_coreml"],
+        "verbosity": 1,
+    }
+
+
+# --- actions and up-to-date checks -----------------------------------------
+
+
+def _rel(p: Path) -> str:
+    return os.path.relpath(p, S.config.root)
+
+
+def outputs_intact(task, values):
+    """Up to date only if every output still has the digest the task last gave it."""
+    recorded = values.get("outputs")
+    if not recorded:
+        return False
+    for path, digest in recorded.items():
+        p = S.config.root / path
+        if not p.exists():
+            return False
+        try:
+            if _stat().any(p) != digest:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str):
+    """The action of every heavy task: run the step in the worker, then record its outputs' digests."""
+    from . import worker
+
+    log = S.config.root / STATE_DIR / "logs" / f"{task_name.replace(':', '__')}.log"
+    try:
+        worker.run(step, kwargs, log)
+    except ExportError as e:
+        return TaskFailed(f"error: {e}")
+    except worker.StepFailed as e:
+        return TaskFailed(f"error: {task_name}: {e}")
+    missing = [str(p) for p in outputs if not p.exists()]
+    if missing:
+        return TaskFailed(f"error: {task_name}: the step did not write {missing} (log: {log})")
+    return {"outputs": {_rel(p): _stat().any(p) for p in outputs}}
+
+
+def _task(step: str, name: str, doc: str, kwargs: dict, key: dict, outputs: list[Path], targets: list[Path],
+          file_dep: list[Path] = ()) -> dict:
+    full = f"{step}:{name}"
+    key = {"step": step, "code": code_digest(step), "tools": versions(STEP_TOOLS[step]), "config": key}
+    return {
+        "name": name,
+        "doc": doc,
+        "actions": [(run_step, [step, kwargs, outputs, full])],
+        "file_dep": [str(p) for p in file_dep],
+        "targets": [str(p) for p in targets],
+        "uptodate": [config_changed(json.dumps(key, sort_keys=True)), outputs_intact],
+        "clean": True,
+        "verbosity": 1,
+    }
+
+
+# --- paths -------------------------------------------------------------------
+
+
+def model_dir(m) -> Path:
+    return S.config.artifacts / m.name
+
+
+def checkpoint_path(m) -> Path:
+    return model_dir(m) / "checkpoint.pt" if m.is_demo else S.config.root / m.checkpoint
+
+
+def export_paths(m, mode, T) -> tuple[dict[str, Path], Path]:
+    from .contract import FORMATS
+
+    d, stem = model_dir(m) / "exported", entry_name(mode, T)
+    return {f: d / (stem + FORMATS[f]) for f in m.formats}, d / f"{stem}.contract.json"
+
+
+def package_path(m, mode, T) -> Path:
+    return model_dir(m) / "coreml" / f"{entry_name(mode, T)}.mlpackage"
+
+
+def manifest_of(package: Path) -> Path:
+    return package.with_name(package.name + ".manifest.json")
+
+
+def leaf(m, mode, T) -> str:
+    return f"{m.name}.{mode}.T{T}"
+
+
+def _kv(m, mode) -> str:
+    return m.coreml.kv_cache if mode == "decode" else "explicit"
+
+
+# --- the generators ----------------------------------------------------------
+
+
+def task_checkpoint():
+    """Make the deterministic demo checkpoint of each model configured with checkpoint = "demo"."""
+    for m in S.config.models:
+        if not m.is_demo:
+            continue
+        out = checkpoint_path(m)
+        yield _task("checkpoint", m.name, f"demo {m.architecture} checkpoint -> {_rel(out)}",
+                    {"out": str(out), "architecture": m.architecture}, {"architecture": m.architecture},
+                    [out], [out])
+
+
+def _groups(step: str, verb: str, leaf_names: dict[int, list[str]]):
+    for T in sorted(leaf_names):
+        yield {"name": f"T{T}", "doc": f"{verb} every model and mode at T={T}",
+               "task_dep": [f"{step}:{n}" for n in leaf_names[T]], "actions": None}
+
+
+def task_export_pytorch():
+    """Export a checkpoint at one (mode, T): TorchScript / ExportedProgram + contract."""
+    by_T: dict[int, list[str]] = {}
+    for m in S.config.models:
+        ck = checkpoint_path(m)
+        for mode, T in m.leaves():
+            files, contract = export_paths(m, mode, T)
+            kwargs = {"checkpoint": str(ck), "out_dir": str(contract.parent), "model": m.name, "mode": mode, "T": T,
+                      "formats": list(m.formats), "dtype": m.dtype, "kv_cache": _kv(m, mode)}
+            key = {k: v for k, v in kwargs.items() if k not in ("checkpoint", "out_dir")}
+            outs = [*files.values(), contract]
+            by_T.setdefault(T, []).append(leaf(m, mode, T))
+            yield _task("export_pytorch", leaf(m, mode, T), f"{m.name} {mode} T={T}: {', '.join(m.formats)} + contract",
+                        kwargs, key, outs, outs, file_dep=[ck])
+    yield from _groups("export_pytorch", "export", by_T)
