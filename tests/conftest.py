@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny real checkpoints, a session-wide set of real exports, a CLI runner.
+
+Everything here is real: real torch models, real files, real subprocesses.
+Configs are tiny (d_model 32, 2 layers, vocab 64) so the whole suite stays fast.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from export import checkpoint, export_pytorch
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+TINY = {
+    "student": dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_positions=64),
+    "judge": dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, ffn_hidden=64, max_positions=64),
+}
+TS = (8, 16)  # the T every session export is built at
+FORMATS = ("torchscript", "exported_program")
+
+
+def tiny_model(arch: str, **overrides):
+    """(config, model) of a tiny deterministic ``arch`` (fp32, eval)."""
+    config, model = checkpoint.demo_model(arch, {**TINY[arch], **overrides})
+    return config, model.eval()
+
+
+def write_checkpoint(path: Path, arch: str, **overrides) -> Path:
+    """Write a tiny deterministic checkpoint (``.pt`` or ``.safetensors`` by suffix)."""
+    config, model = tiny_model(arch, **overrides)
+    checkpoint.save(path, arch, config, model.state_dict())
+    return Path(path)
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path):
+    """Factory: ``make_checkpoint("student", suffix=".safetensors", **config_overrides)`` -> path."""
+    counter = iter(range(1 << 30))
+
+    def make(arch: str = "student", *, suffix: str = ".pt", name: str | None = None, **overrides) -> Path:
+        path = tmp_path / (name or f"{arch}_{next(counter)}{suffix}")
+        return write_checkpoint(path, arch, **overrides)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def session_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {arch: write_checkpoint(root / f"{arch}.pt", arch) for arch in TINY}
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, session_checkpoints):
+    """Real exports, built once: ``exported[(arch, dtype)]`` -> output folder holding every
+    (mode, T in TS) in both formats plus the contracts."""
+    out = {}
+    for arch, ck in session_checkpoints.items():
+        for dtype in ("fp32", "fp16"):
+            d = tmp_path_factory.mktemp(f"export-{arch}-{dtype}")
+            export_pytorch.export_model(ck, d, enumerated_T=list(TS), formats=list(FORMATS), dtype=dtype)
+            out[(arch, dtype)] = d
+    return out
+
+
+def load_program(path: Path):
+    return torch.export.load(str(path))
+
+
+def load_torchscript(path: Path):
+    return torch.jit.load(str(path))
+
+
+def cli_env(pythonpath: Path = REPO) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(pythonpath)
+    env.pop("PYTHONSTARTUP", None)
+    return env
+
+
+def run_module(module: str, *args, cwd: Path | None = None, pythonpath: Path = REPO, timeout: float = 300):
+    """Run ``python -m module args...`` in a fresh process; returns the CompletedProcess."""
+    return subprocess.run(
+        [PYTHON, "-m", module, *map(str, args)], cwd=cwd, env=cli_env(pythonpath),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    """Relative path -> bytes of every file below ``root``."""
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
