@@ -7,6 +7,7 @@ torch or coremltools.
 import sys
 
 from export import tasks
-from export.tasks import task_checkpoint, task_export_pytorch  # noqa: F401  (doit finds task_* here)
+from export.tasks import (  # noqa: F401  (doit finds task_* here)
+    task_bundle_coreml, task_checkpoint, task_convert_coreml, task_export_pytorch)
 
 DOIT_CONFIG = tasks.setup(__file__, sys.argv)

@@ -36,3 +36,34 @@ def export_pytorch(checkpoint: str, out_dir: str, model: str, mode: str, T: int,
     ck, module = _loaded(checkpoint)
     extra = {"kv_cache": kv_cache} if kv_cache != "explicit" else {}
     export_entry(ck, module, Path(out_dir), model_name=model, mode=mode, T=T, formats=formats, dtype=dtype, **extra)
+
+
+def write_package_manifest(package: Path) -> Path:
+    """Write ``<package>.manifest.json`` (its tree digest and file digests), last, atomically.
+
+    doit cannot take a folder as a dependency; this file stands for it downstream.
+    """
+    import json
+
+    from . import atomic
+    from .digest import file_digest, tree_digest, tree_files
+
+    files = {rel: file_digest(package / rel) for rel in tree_files(package)}
+    manifest = package.with_name(package.name + ".manifest.json")
+    body = {"package": package.name, "digest": tree_digest(package), "files": files}
+    atomic.write_text(manifest, json.dumps(body, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def convert_coreml(exported: str, contract: str, out: str, options: dict) -> None:
+    from .convert_coreml import convert
+
+    convert(exported, out, contract, options)
+    write_package_manifest(Path(out))
+
+
+def bundle_coreml(packages: list[str], contracts: list[str], out: str, contract_out: str) -> None:
+    from .bundle import bundle
+
+    bundle([Path(p) for p in packages], [Path(c) for c in contracts], Path(out), Path(contract_out))
+    write_package_manifest(Path(out))

@@ -37,7 +37,8 @@ STATE_DIR = ".export"  # doit's dependency file, the stat cache, the lock and st
 STEP_CODE = {
     "checkpoint": ["checkpoint.py", "models", "atomic.py"],
     "export_pytorch": ["export_pytorch.py", "checkpoint.py", "models", "contract.py", "atomic.py", "digest.py", "shape_sets.py"],
-    "convert_coreml": ["convert_coreml.py", "coreml_options.py", "contract.py", "atomic.py", "digest.py", "mlpackage.py"],
+    "convert_coreml": ["convert_coreml.py", "coreml_options.py", "coreml_checks.py", "coreml_spec.py", "contract.py",
+                       "mlpackage.py", "atomic.py", "digest.py", "toolchain.py"],
     "bundle_coreml": ["bundle.py", "contract.py", "atomic.py", "digest.py", "mlpackage.py"],
     "export_onnx": ["export_onnx.py", "checkpoint.py", "models", "atomic.py"],
 }
@@ -162,8 +163,8 @@ def _task(step: str, name: str, doc: str, kwargs: dict, key: dict, outputs: list
         "name": name,
         "doc": doc,
         "actions": [(run_step, [step, kwargs, outputs, full])],
-        "file_dep": [str(p) for p in file_dep],
-        "targets": [str(p) for p in targets],
+        "file_dep": [_rel(p) for p in file_dep],  # relative: a copied project keeps its state
+        "targets": [_rel(p) for p in targets],
         "uptodate": [config_changed(json.dumps(key, sort_keys=True)), outputs_intact],
         "clean": True,
         "verbosity": 1,
@@ -239,3 +240,34 @@ def task_export_pytorch():
             yield _task("export_pytorch", leaf(m, mode, T), f"{m.name} {mode} T={T}: {', '.join(m.formats)} + contract",
                         kwargs, key, outs, outs, file_dep=[ck])
     yield from _groups("export_pytorch", "export", by_T)
+
+
+def task_convert_coreml():
+    """Convert one exported (mode, T) to a Core ML .mlpackage, checked against its contract."""
+    by_T: dict[int, list[str]] = {}
+    for m in S.config.models:
+        for mode, T in m.leaves():
+            files, contract = export_paths(m, mode, T)
+            pkg = package_path(m, mode, T)
+            kwargs = {"exported": str(files[m.convert_from]), "contract": str(contract), "out": str(pkg),
+                      "options": m.coreml.to_json()}
+            by_T.setdefault(T, []).append(leaf(m, mode, T))
+            yield _task("convert_coreml", leaf(m, mode, T), f"{m.name} {mode} T={T}: Core ML package ({m.coreml.compute_precision}, {m.coreml.minimum_deployment_target})",
+                        kwargs, {"options": m.coreml.to_json(), "from": m.convert_from}, [pkg, manifest_of(pkg)],
+                        [manifest_of(pkg)], file_dep=[files[m.convert_from], contract])
+    yield from _groups("convert_coreml", "convert", by_T)
+
+
+def task_bundle_coreml():
+    """Merge every (mode, T) package of a model into one multifunction <model>.mlpackage + contract.json."""
+    for m in S.config.models:
+        pkgs = [package_path(m, mode, T) for mode, T in m.leaves()]
+        contracts = [export_paths(m, mode, T)[1] for mode, T in m.leaves()]
+        out = model_dir(m) / f"{m.name}.mlpackage"
+        contract_out = model_dir(m) / "contract.json"
+        kwargs = {"packages": [str(p) for p in pkgs], "contracts": [str(c) for c in contracts], "out": str(out),
+                  "contract_out": str(contract_out)}
+        key = {"functions": [entry_name(mode, T) for mode, T in m.leaves()]}
+        yield _task("bundle_coreml", m.name, f"{m.name}: one multifunction package of {len(pkgs)} functions",
+                    kwargs, key, [out, manifest_of(out), contract_out], [manifest_of(out), contract_out],
+                    file_dep=[manifest_of(p) for p in pkgs] + contracts)

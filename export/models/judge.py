@@ -70,14 +70,15 @@ class Judge(nn.Module):
 
     def forward(self, input_ids, attention_mask):
         keep = attention_mask.to(torch.int32)
-        positions = (torch.cumsum(keep, dim=-1) - 1).clamp(min=0)
+        positions = torch.cumsum(keep, dim=-1) - keep  # 0, 1, ... over the tokens; never negative
         x = self.embed(input_ids) + self.pos(positions)
         w = keep.to(x.dtype)  # [B,T]
         mask = ((1.0 - w) * MASK_VALUE)[:, None, None, :]  # padding keys get a finite -1e4
         for layer in self.layers:
             x = layer(x, mask)
         x = self.norm(x)
-        pooled = (x * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1.0)
+        # A one-sided clamp converts to a clip with an infinite bound (a NaN/Inf constant in fp16).
+        pooled = (x * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(1.0, float(self.c.max_positions))
         return self.head(pooled)
 
 

@@ -1,0 +1,111 @@
+"""A real doit project in a temporary folder, for scenario tests.
+
+The project holds a copy of dodo.py and of the ``export`` package (so a test
+can edit the code the build keys on), a pyproject.toml with a tiny student
+(a checkpoint file) and the demo judge, and its own shape_sets.json.
+Every build runs ``python -m doit`` in a subprocess, exactly as a user would.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+SHAPE_SETS = {
+    "tiny": {"prefill": [16, 32], "decode": [16, 32]},
+    "tiny_judge": {"prefill": [16, 32]},
+}
+STUDENT = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_positions=64)
+
+PYPROJECT = """\
+[project]
+name = "scenario"
+version = "0"
+
+[tool.export]
+artifacts = "artifacts"
+shape_sets = "shape_sets.json"
+
+[[tool.export.models]]
+name = "student"
+architecture = "student"
+checkpoint = "checkpoints/student.pt"
+shape_set = "tiny"
+coreml = {{ compute_precision = "{precision}" }}
+
+[[tool.export.models]]
+name = "judge"
+architecture = "judge"
+checkpoint = "demo"
+shape_set = "tiny_judge"
+"""
+
+
+def write_student_checkpoint(path: Path, seed: int = 0) -> None:
+    code = textwrap.dedent(f"""
+        import torch
+        from export import checkpoint
+        from export.models import get
+        from export.models.common import config_from_dict
+        arch = get("student")
+        cfg = config_from_dict(arch.config_cls, {STUDENT!r})
+        torch.manual_seed({seed})
+        checkpoint.save({str(path)!r}, "student", cfg, arch.build(cfg).state_dict())
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=path.parents[1])
+
+
+class Project:
+    def __init__(self, root: Path):
+        self.root = root
+
+    @classmethod
+    def create(cls, root: Path) -> "Project":
+        root.mkdir(parents=True)
+        shutil.copy(REPO / "dodo.py", root / "dodo.py")
+        shutil.copytree(REPO / "export", root / "export", ignore=shutil.ignore_patterns("__pycache__"))
+        p = cls(root)
+        p.set_pyproject(precision="fp16")
+        p.set_shape_sets(SHAPE_SETS)
+        (root / "checkpoints").mkdir()
+        write_student_checkpoint(root / "checkpoints" / "student.pt")
+        return p
+
+    def copy(self, dest: Path) -> "Project":
+        shutil.copytree(self.root, dest, symlinks=True)
+        return Project(dest)
+
+    def set_pyproject(self, **fields) -> None:
+        (self.root / "pyproject.toml").write_text(PYPROJECT.format(**fields))
+
+    def set_shape_sets(self, sets: dict) -> None:
+        (self.root / "shape_sets.json").write_text(json.dumps(sets, indent=2))
+
+    def doit(self, *args: str, env: dict | None = None, check: bool = True, python_args=()) -> subprocess.CompletedProcess:
+        full_env = {**os.environ, **(env or {})}
+        r = subprocess.run([sys.executable, *python_args, "-m", "doit", *args], cwd=self.root, env=full_env,
+                           capture_output=True, text=True, timeout=900)
+        if check and r.returncode != 0:
+            raise AssertionError(f"doit {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+        return r
+
+    def last_build(self) -> dict[str, str]:
+        data = json.loads((self.root / "artifacts" / "last_build.json").read_text())
+        return {name: rec["status"] for name, rec in data["tasks"].items()}
+
+    def ran(self) -> set[str]:
+        """Tasks that executed their step in the last build."""
+        return {n for n, s in self.last_build().items() if s == "built"}
+
+    def artifact_digests(self) -> dict[str, str]:
+        from export.digest import file_digest
+
+        art = self.root / "artifacts"
+        return {str(p.relative_to(art)): file_digest(p) for p in sorted(art.rglob("*"))
+                if p.is_file() and p.name != "last_build.json"}

@@ -1,0 +1,142 @@
+"""Scenario tests of the doit graph: each edits a real project and asserts the
+exact set of tasks that ran. Builds are real: real exports, real conversions."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from scenario import SHAPE_SETS, Project, write_student_checkpoint
+
+pytestmark = pytest.mark.timeout(1800) if hasattr(pytest.mark, "timeout") else []
+
+
+def leaves(model: str, modes, Ts) -> list[str]:
+    return [f"{model}.{m}.T{t}" for m in modes for t in Ts]
+
+
+S = leaves("student", ("prefill", "decode"), (16, 32))
+J = leaves("judge", ("prefill",), (16, 32))
+
+
+def steps(step: str, names) -> set[str]:
+    return {f"{step}:{n}" for n in names}
+
+
+BUNDLES = {"bundle_coreml:student", "bundle_coreml:judge"}
+EVERYTHING = {"checkpoint:judge"} | steps("export_pytorch", S + J) | steps("convert_coreml", S + J) | BUNDLES
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Project:
+    """A project after one cold build (scenario 1's first half)."""
+    p = Project.create(tmp_path_factory.mktemp("built") / "project")
+    p.doit()
+    return p
+
+
+@pytest.fixture
+def project(built, tmp_path) -> Project:
+    return built.copy(tmp_path / "project")
+
+
+def test_cold_build_builds_everything_then_nothing_without_torch(built, tmp_path):
+    assert built.ran() == EVERYTHING
+    r = built.doit(python_args=("-X", "importtime"))
+    assert built.ran() == set()
+    assert set(built.last_build().values()) == {"up-to-date"}
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" not in imported and "coremltools" not in imported
+    assert "doit" in imported  # the import log was really read
+
+
+def test_adding_a_T_builds_only_its_leaves_and_removing_it_builds_none(project):
+    sets = json.loads(json.dumps(SHAPE_SETS))
+    sets["tiny"]["prefill"].append(64)
+    sets["tiny"]["decode"].append(64)
+    project.set_shape_sets(sets)
+    project.doit()
+    new = leaves("student", ("prefill", "decode"), (64,))
+    assert project.ran() == steps("export_pytorch", new) | steps("convert_coreml", new) | {"bundle_coreml:student"}
+    project.set_shape_sets(SHAPE_SETS)
+    project.doit()
+    assert {t for t in project.ran() if not t.startswith("bundle_coreml:")} == set()
+    assert project.ran() <= {"bundle_coreml:student"}
+
+
+def test_touching_the_checkpoint_builds_nothing(project):
+    ck = project.root / "checkpoints" / "student.pt"
+    later = time.time() + 5
+    os.utime(ck, (later, later))
+    project.doit()
+    assert project.ran() == set()
+
+
+def test_new_weights_rebuild_that_model_only(project):
+    write_student_checkpoint(project.root / "checkpoints" / "student.pt", seed=1)
+    project.doit()
+    assert project.ran() == steps("export_pytorch", S) | steps("convert_coreml", S) | {"bundle_coreml:student"}
+
+
+def test_a_coreml_option_reconverts_without_reexporting(project):
+    project.set_pyproject(precision="fp32")
+    project.doit()
+    assert project.ran() == steps("convert_coreml", S) | {"bundle_coreml:student"}
+
+
+def test_export_code_change_with_equal_bytes_stops_at_the_exports(project):
+    code = project.root / "export" / "export_pytorch.py"
+    code.write_text(code.read_text() + "\n# a comment changes the code digest, not the exported bytes\n")
+    project.doit()
+    assert project.ran() == steps("export_pytorch", S + J)
+
+
+def test_targeted_build_runs_one_T_and_its_prerequisites(built, tmp_path):
+    p = Project.create(tmp_path / "cold")
+    p.doit("convert_coreml:T32")
+    t32 = [n for n in S + J if n.endswith(".T32")]
+    assert p.ran() == {"checkpoint:judge"} | steps("export_pytorch", t32) | steps("convert_coreml", t32)
+
+
+@pytest.mark.parametrize("damage", ["delete", "edit"])
+def test_damaged_package_rebuilds_that_leaf_only(built, project, damage):
+    pkg = project.root / "artifacts" / "student" / "coreml" / "decode_T16.mlpackage"
+    victim = max((f for f in pkg.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    if damage == "delete":
+        victim.unlink()
+    else:
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    project.doit()
+    assert project.ran() == {"convert_coreml:student.decode.T16"}
+    assert project.artifact_digests() == built.artifact_digests()
+
+
+def test_new_coremltools_version_reconverts_and_reexports_nothing(project, tmp_path):
+    from importlib import metadata
+
+    fake = tmp_path / "fake-metadata"
+    info = fake / f"coremltools-{metadata.version('coremltools')}.post1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: coremltools\nVersion: {metadata.version('coremltools')}.post1\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")])}
+    project.doit(env=env)
+    assert project.ran() == steps("convert_coreml", S + J) | BUNDLES
+
+
+def test_two_builds_started_together_end_correct(built, tmp_path):
+    p = Project.create(tmp_path / "race")
+    procs = [subprocess.Popen([sys.executable, "-m", "doit"], cwd=p.root, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [proc.communicate(timeout=900) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    assert any("waiting for another doit" in err for _, err in outs)
+    p.doit()
+    assert p.ran() == set()
+    assert p.artifact_digests() == built.artifact_digests()
