@@ -15,6 +15,7 @@ import argparse
 import io
 import json
 import pickle
+import warnings
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -73,20 +74,35 @@ def _few(names: list[str]) -> str:
 
 def _read_pt(path: Path) -> dict:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all, on one line
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
+        if not _looks_like_pickle(path):  # random bytes also fail the weights-only unpickler: say corrupt
+            raise ExportError("not a readable checkpoint (corrupt: neither a torch.save archive nor a pickle)",
+                              file=path, field="file") from None
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "unsupported object")
         raise ExportError(
-            f"refused: the file asks to run code or build objects on load, which is never done ({first[:160]})",
+            f"refused: the file asks to run code or build objects on load, which is never done ({reason[:160]})",
             file=path, field="pickle",
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise ExportError(f"not a readable checkpoint (corrupt or truncated): {str(e).splitlines()[0][:160]}", file=path, field="file") from None
+    except Exception as e:  # noqa: BLE001 - any other parse failure (RuntimeError, EOFError, KeyError, ...) is corruption
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ExportError(f"not a readable checkpoint (corrupt or truncated): {type(e).__name__}: {first[:160]}", file=path, field="file") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ExportError(f"not a model-export checkpoint (expected a dict with format={FORMAT!r})", file=path, field="format")
     if obj.get("version") != VERSION:
         raise ExportError(f"unsupported checkpoint version {obj.get('version')!r}; this tool reads {VERSION}", file=path, field="version")
     return obj
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    """A torch.save zip archive, or a raw pickle stream (protocol 2+ starts with PROTO, 0x80)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -149,9 +165,23 @@ def save(path: Path | str, architecture: str, config, state_dict: dict) -> None:
         from safetensors.torch import save
 
         meta = {"architecture": architecture, "config": json.dumps(asdict(config), sort_keys=True)}
-        atomic.write_bytes(path, save({k: v.detach().contiguous() for k, v in state_dict.items()}, metadata=meta))
+        data = save({k: v.detach().contiguous() for k, v in state_dict.items()}, metadata=meta)
+        atomic.write_bytes(path, _canonical_safetensors(data))
     else:
         atomic.write_bytes(path, to_bytes(architecture, config, state_dict))
+
+
+def _canonical_safetensors(data: bytes) -> bytes:
+    """Byte-stable safetensors: the writer emits ``__metadata__`` in hash-map order, which
+    varies between calls. Re-emit the JSON header with sorted metadata keys (tensor entries
+    keep their order and offsets; the data section is untouched)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # keep the data section 8-byte aligned, as the writer does
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def demo_model(architecture: str, overrides: dict | None = None):
