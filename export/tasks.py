@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 from doit.dependency import FileChangedChecker
@@ -34,13 +35,17 @@ PACKAGE = Path(__file__).resolve().parent
 STATE_DIR = ".export"  # doit's dependency file, the stat cache, the lock and step logs
 
 # The source files each step's outputs depend on (read as text, never imported).
+# "{arch}" stands for the model's architecture: a change to the judge's code
+# does not rebuild the student.
+MODELS = ["models/{arch}.py", "models/spec.py", "models/common.py", "models/registry.py", "models/names.py"]
 STEP_CODE = {
-    "checkpoint": ["checkpoint.py", "models", "atomic.py"],
-    "export_pytorch": ["export_pytorch.py", "checkpoint.py", "models", "contract.py", "atomic.py", "digest.py", "shape_sets.py"],
+    "checkpoint": ["checkpoint.py", *MODELS, "atomic.py"],
+    "export_pytorch": ["export_pytorch.py", "checkpoint.py", *MODELS, "contract.py", "atomic.py", "digest.py",
+                       "shape_sets.py", "toolchain.py"],
     "convert_coreml": ["convert_coreml.py", "coreml_options.py", "coreml_checks.py", "coreml_spec.py", "contract.py",
                        "mlpackage.py", "atomic.py", "digest.py", "toolchain.py"],
     "bundle_coreml": ["bundle.py", "contract.py", "atomic.py", "digest.py", "mlpackage.py"],
-    "export_onnx": ["export_onnx.py", "checkpoint.py", "models", "atomic.py"],
+    "export_onnx": ["export_onnx.py", "checkpoint.py", *MODELS, "atomic.py"],
 }
 # The tools whose version can change a step's bytes.
 STEP_TOOLS = {
@@ -62,14 +67,14 @@ class _State:
 S = _State()
 
 
-def code_digest(step: str) -> str:
+@lru_cache(maxsize=None)
+def code_digest(step: str, arch: str | None = None) -> str:
+    """Digest of the source text of the files ``step`` depends on (for ``arch``)."""
     parts = []
     for name in STEP_CODE[step]:
-        p = PACKAGE / name
-        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
-        for f in files:
-            if f.exists():
-                parts.append(f.relative_to(PACKAGE).as_posix().encode() + b"\0" + f.read_bytes())
+        f = PACKAGE / name.format(arch=arch)
+        if f.exists():
+            parts.append(f.relative_to(PACKAGE).as_posix().encode() + b"\0" + f.read_bytes())
     return bytes_digest(b"\0\0".join(parts))
 
 
@@ -156,9 +161,9 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str):
 
 
 def _task(step: str, name: str, doc: str, kwargs: dict, key: dict, outputs: list[Path], targets: list[Path],
-          file_dep: list[Path] = ()) -> dict:
+          file_dep: list[Path] = (), arch: str | None = None) -> dict:
     full = f"{step}:{name}"
-    key = {"step": step, "code": code_digest(step), "tools": versions(STEP_TOOLS[step]), "config": key}
+    key = {"step": step, "code": code_digest(step, arch), "tools": versions(STEP_TOOLS[step]), "config": key}
     return {
         "name": name,
         "doc": doc,
@@ -216,7 +221,7 @@ def task_checkpoint():
         out = checkpoint_path(m)
         yield _task("checkpoint", m.name, f"demo {m.architecture} checkpoint -> {_rel(out)}",
                     {"out": str(out), "architecture": m.architecture}, {"architecture": m.architecture},
-                    [out], [out])
+                    [out], [out], arch=m.architecture)
 
 
 def _groups(step: str, verb: str, leaf_names: dict[int, list[str]]):
@@ -238,7 +243,7 @@ def task_export_pytorch():
             outs = [*files.values(), contract]
             by_T.setdefault(T, []).append(leaf(m, mode, T))
             yield _task("export_pytorch", leaf(m, mode, T), f"{m.name} {mode} T={T}: {', '.join(m.formats)} + contract",
-                        kwargs, key, outs, outs, file_dep=[ck])
+                        kwargs, key, outs, outs, file_dep=[ck], arch=m.architecture)
     yield from _groups("export_pytorch", "export", by_T)
 
 
