@@ -1,0 +1,103 @@
+"""Checks around a Core ML conversion.
+
+- ``unsupported_ops(program)``: before converting, the ops of a TorchScript
+  module or an ExportedProgram that coremltools has no converter for, by name.
+- ``check_finite(mlmodel)``: after converting, no constant of the program
+  holds NaN or Inf (``-inf`` masks turn into NaN, see DESIGN).
+- ``check_on_device(...)``: on macOS, the package compiles and its predictions
+  match the exported program; elsewhere it is skipped with a one-line notice.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from .errors import ExportError
+
+# TorchScript plumbing the converter handles itself rather than through its op registry
+_TS_PLUMBING = {"prim::Constant", "prim::ListConstruct", "prim::ListUnpack", "prim::TupleConstruct",
+                "prim::TupleUnpack", "prim::GetAttr", "prim::NumToTensor", "prim::device", "prim::dtype"}
+
+
+def _registry():
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
+    import coremltools.converters.mil.frontend.torch.ops  # noqa: F401  (fills the registry)
+
+    return _TORCH_OPS_REGISTRY
+
+
+def _kinds(program) -> list[str]:
+    if isinstance(program, torch.export.ExportedProgram):
+        out = []
+        for node in program.graph.nodes:
+            if node.op != "call_function":
+                continue
+            target = node.target
+            try:
+                out.append(target.name())
+            except AttributeError:
+                out.append(getattr(target, "__name__", str(target)))
+        return out
+    return [n.kind() for n in program.inlined_graph.nodes() if n.kind() not in _TS_PLUMBING]
+
+
+def unsupported_ops(program) -> list[str]:
+    """Sorted op names of ``program`` that coremltools 9.0 cannot convert."""
+    registry = _registry()
+    return sorted({k for k in _kinds(program) if registry.get_func(k) is None})
+
+
+def check_supported(program, *, file: object) -> None:
+    missing = unsupported_ops(program)
+    if missing:
+        raise ExportError(f"coremltools cannot convert {len(missing)} op(s): {', '.join(missing)}", file=file, field="ops")
+
+
+def _walk(block):
+    for op in block.operations:
+        yield op
+        for inner in op.blocks:
+            yield from _walk(inner)
+
+
+def check_finite(mlmodel, *, file: object) -> None:
+    """Raise if any constant of the converted program holds NaN or Inf."""
+    prog = mlmodel._mil_program
+    if prog is None:
+        return
+    for fname, func in prog.functions.items():
+        for op in _walk(func):
+            for var in op.outputs:
+                val = var.val
+                if val is None or not isinstance(val, np.ndarray) and not np.isscalar(val):
+                    continue
+                arr = np.asarray(val)
+                if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                    bad = int((~np.isfinite(arr)).sum())
+                    raise ExportError(f"constant {var.name!r} (op {op.op_type}) holds {bad} NaN/Inf value(s)",
+                                      file=file, field=f"program.{fname}")
+
+
+def check_on_device(package, program, example: tuple, contract: dict, *, file: object, rtol=5e-2, atol=5e-2) -> str:
+    """On macOS: load (compiles) the package and compare its predictions with ``program``'s outputs."""
+    if sys.platform != "darwin":
+        return "skipped prediction and compile checks: they need macOS"
+    import coremltools as ct
+
+    model = ct.models.MLModel(str(package))  # loading compiles the package
+    feeds = {t["name"]: x.numpy() for t, x in zip(contract["inputs"], example)}
+    state = model.make_state() if contract.get("states") else None
+    got = model.predict(feeds, state=state) if state is not None else model.predict(feeds)
+    module = program.module() if isinstance(program, torch.export.ExportedProgram) else program
+    with torch.no_grad():
+        want = module(*example)
+    want = want if isinstance(want, tuple) else (want,)
+    for spec, w in zip(contract["outputs"], want):
+        g = got[spec["name"]]
+        if not np.allclose(g, w.float().numpy(), rtol=rtol, atol=atol):
+            diff = float(np.abs(g - w.float().numpy()).max())
+            raise ExportError(f"Core ML prediction differs from the exported program (max abs diff {diff:.3g})",
+                              file=file, field=f"outputs.{spec['name']}")
+    return "predictions match the exported program"
