@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import warnings
@@ -213,6 +214,11 @@ def add_option_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--palettize-bits", type=int, default=d.palettize_bits, choices=CHOICES["palettize_bits"])
 
 
+def quiet_coremltools() -> None:
+    """Keep coremltools' import-time warnings (no macOS runtime, untested torch) off a CLI's stderr."""
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+
+
 def options_from_args(args) -> CoreMLOptions:
     return CoreMLOptions.from_dict({k: getattr(args, k) for k in CHOICES}, file="command line", field="options")
 
@@ -225,6 +231,7 @@ def main(argv=None) -> None:
     p.add_argument("--contract", required=True, type=Path, help="the per-(mode, T) contract of the exported file")
     add_option_flags(p)
     args = p.parse_args(argv)
+    quiet_coremltools()
     with cli_errors():
         out = convert(args.exported, args.out, args.contract, options_from_args(args),
                       log=lambda msg: print(msg, file=sys.stderr))
