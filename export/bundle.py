@@ -83,7 +83,13 @@ def bundle(packages: list[Path], contracts: list[Path], out: Path, contract_out:
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".merge", dir=_parent(out)))
     try:
         merged = scratch / out.name
-        ct.utils.save_multifunction(desc, str(merged))
+        try:
+            ct.utils.save_multifunction(desc, str(merged))
+        except Exception as e:  # coremltools raises anything from deep inside; keep its first line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            hint = (" (compressed packages merge only when converted for iOS18/macOS15 or later)"
+                    if "constexpr" in first else "")
+            raise ExportError(f"coremltools could not merge the packages: {first}{hint}", file=out, field="functions") from None
         with atomic_path(out, is_dir=True) as tmp:
             shutil.copytree(merged, tmp, dirs_exist_ok=True)
             canonicalize(tmp, meta)

@@ -1,0 +1,99 @@
+"""The multifunction bundle: every (mode, T) function as its contract says,
+weights stored once, metadata set again, byte-stable, bad input refused."""
+from __future__ import annotations
+
+import json
+
+import coremltools as ct
+import pytest
+
+from conftest import files_of, run_module
+from coreml_helpers import TS, entry, export_tiny, leftovers
+from export import contract as contract_mod
+from export.bundle import bundle
+from export.convert_coreml import convert
+from export.coreml_spec import describe, function_descriptions
+from export.errors import ExportError
+
+MODES = ("prefill", "decode")
+
+
+def weights(pkg) -> int:
+    return sum(f.stat().st_size for f in (pkg / "Data/com.apple.CoreML/weights").iterdir())
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    """Every (mode, T) of the tiny student converted (ExportedProgram, fp16), plain and palettized 6 bit.
+
+    Compressed packages need iOS18 to merge: multifunction packages are iOS18, and the
+    iOS16 ``constexpr_lut_to_dense`` of an iOS17 package does not load into them."""
+    root = tmp_path_factory.mktemp("bundle")
+    exported = export_tiny(root)
+    out = {"plain": [], "palettized": []}
+    for mode in MODES:
+        for T in TS:
+            program, cpath = entry(exported, mode, T, "exported_program")
+            out["plain"].append((convert(program, root / "pkgs" / f"{mode}_T{T}.mlpackage", cpath), cpath))
+            out["palettized"].append((convert(program, root / "pal" / f"{mode}_T{T}.mlpackage", cpath,
+                                              {"compression": "palettize", "palettize_bits": 6,
+                                               "minimum_deployment_target": "iOS18"}), cpath))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["plain", "palettized"])
+def test_bundle_holds_every_function_and_stores_weights_once(packages, tmp_path, kind):
+    pkgs, contracts = zip(*packages[kind])
+    out = tmp_path / "student.mlpackage"
+    agg = bundle(list(pkgs), list(contracts), out)
+    assert (tmp_path / "contract.json").is_file()
+    assert contract_mod.read(tmp_path / "contract.json", aggregate=True) == agg
+    assert list(agg["functions"]) == ["prefill_T16", "prefill_T32", "decode_T16", "decode_T32"]
+    spec = ct.models.MLModel(str(out), skip_model_load=True).get_spec()
+    funcs = function_descriptions(spec)
+    assert sorted(funcs) == sorted(agg["functions"])
+    for name, c in agg["functions"].items():
+        assert describe(funcs[name]) == {k: c[k] for k in ("inputs", "outputs", "states")}
+    assert spec.description.defaultFunctionName == "prefill_T16"
+    meta = spec.description.metadata.userDefined
+    assert meta["model_export.checkpoint_digest"] == agg["functions"]["prefill_T16"]["checkpoint"]["digest"]
+    assert meta["model_export.functions"] == "prefill_T16,prefill_T32,decode_T16,decode_T32"
+    assert "coremltools" in json.loads(meta["model_export.toolchain"])
+    single = max(weights(p) for p in pkgs)
+    assert weights(out) <= 1.1 * single, (weights(out), single)
+    assert leftovers(tmp_path) == []
+
+
+def test_bundle_is_byte_stable(packages, tmp_path):
+    pkgs, contracts = zip(*packages["plain"])
+    a = tmp_path / "a" / "student.mlpackage"
+    b = tmp_path / "b" / "student.mlpackage"
+    bundle(list(pkgs), list(contracts), a)
+    r = run_module("export.bundle", "--packages", *pkgs, "--contracts", *contracts, "--out", b)
+    assert r.returncode == 0, r.stderr
+    assert files_of(a) == files_of(b)
+    assert (tmp_path / "a" / "contract.json").read_bytes() == (tmp_path / "b" / "contract.json").read_bytes()
+
+
+def test_contract_that_does_not_describe_the_package(packages, tmp_path):
+    (p0, c0), (p1, c1) = packages["plain"][:2]
+    out = tmp_path / "student.mlpackage"
+    with pytest.raises(ExportError, match=r"prefill_T16\.mlpackage: inputs\.input_ids\.shape"):
+        bundle([p0, p1], [c1, c0], out)
+    assert not out.exists() and not (tmp_path / "contract.json").exists()
+
+
+def test_duplicate_function(packages, tmp_path):
+    (p0, c0) = packages["plain"][0]
+    with pytest.raises(ExportError, match="two packages for function prefill_T16"):
+        bundle([p0, p0], [c0, c0], tmp_path / "student.mlpackage")
+
+
+def test_cli_error_is_one_line(packages, tmp_path):
+    (p0, c0) = packages["plain"][0]
+    r = run_module("export.bundle", "--packages", p0, tmp_path / "missing.mlpackage", "--contracts", c0, c0,
+                   "--out", tmp_path / "s.mlpackage")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr
+    assert not (tmp_path / "s.mlpackage").exists()
