@@ -11,6 +11,7 @@ toolchain give the same bytes in any process (see ``_canonical_torchscript``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import re
 import sys
@@ -69,12 +70,29 @@ def _canonical_torchscript(data: bytes) -> bytes:
     return out.getvalue()
 
 
+@contextlib.contextmanager
+def _fresh_type_names():
+    """Trace as if first in the process. Submodule types are named in the global
+    ``torch.jit._state._python_cu`` (not the ``_compilation_unit`` passed to trace),
+    whose mangle counter and taken names grow with every trace: a later export
+    would name its classes differently (``Linear`` vs ``___torch_mangle_57.Linear``)."""
+    import torch.jit._state as jit_state
+
+    saved = jit_state._python_cu
+    jit_state._python_cu = torch._C.CompilationUnit()
+    try:
+        yield
+    finally:
+        jit_state._python_cu = saved
+
+
 def export_torchscript(wrapper, example) -> bytes:
     # check_trace=False: the default re-runs the whole forward pass to check the trace.
-    traced = torch.jit.trace(wrapper, example, check_trace=False, strict=True, _store_inputs=False,
-                             _compilation_unit=torch._C.CompilationUnit())
-    buf = io.BytesIO()
-    torch.jit.save(traced, buf)
+    with _fresh_type_names():
+        traced = torch.jit.trace(wrapper, example, check_trace=False, strict=True, _store_inputs=False,
+                                 _compilation_unit=torch._C.CompilationUnit())
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
     return _canonical_torchscript(buf.getvalue())
 
 
@@ -144,9 +162,9 @@ def export_model(checkpoint: Path | str, out_dir: Path | str, *, modes: list[str
     modes = list(modes or ck.arch.modes)
     name = model_name or ck.arch.name
     per_mode = _resolve_T(ck, modes, enumerated_T, shape_sets_file, shape_set)
+    model = ck.model()  # before touching --out: bad weights must leave no output folder behind
     _check_writable(out_dir)
     digest = file_digest(ck.path)
-    model = ck.model()
     entries = [
         export_entry(ck, model, out_dir, model_name=name, mode=mode, T=T, formats=list(formats), dtype=dtype,
                      checkpoint_digest=digest, kv_cache=kv_cache)

@@ -5,6 +5,7 @@ Configs are tiny (d_model 32, 2 layers, vocab 64) so the whole suite stays fast.
 """
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -70,10 +71,13 @@ def exported(tmp_path_factory, session_checkpoints):
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def load_program(path: Path):
+    """The ExportedProgram at ``path`` (loaded once per session; call ``.module()`` to run it)."""
     return torch.export.load(str(path))
 
 
+@functools.lru_cache(maxsize=None)
 def load_torchscript(path: Path):
     return torch.jit.load(str(path))
 
