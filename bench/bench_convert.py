@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 import os
 import platform
 import subprocess
@@ -75,15 +76,20 @@ def main(argv=None) -> None:
     ck, exported, coreml = work / "student.pt", work / "exported", work / "coreml"
 
     from export.checkpoint import demo_model, save
+    from export.models.student import StudentConfig
 
-    config, model = demo_model("student", {**QUICK["config"], **plan["config"]} if args.quick else
-                               {k: v for k, v in vars(__import__("export.models.student", fromlist=["x"]).StudentConfig()).items()})
+    config, model = demo_model("student", QUICK["config"] if args.quick else asdict(StudentConfig()))
     save(ck, "student", config, model.state_dict())
     params = sum(t.numel() for t in model.state_dict().values())
     del model
 
     suffix = {"exported_program": ".pt2", "torchscript": ".pt"}[args.format]
     rows, packages, contracts = [], [], []
+    result = {"benchmark": "bench_convert", "quick": args.quick, "format": args.format, "parameters": params,
+              "config": asdict(config), "machine": machine(), "versions": versions(), "steps": rows,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    dest = REPO / "bench" / "results" / f"bench_convert-{'quick' if args.quick else 'full'}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
     for T in Ts:
         for mode in MODES:
             name = f"{mode}_T{T}"
@@ -100,9 +106,7 @@ def main(argv=None) -> None:
                     contracts.append(exported / f"{name}.contract.json")
             rows.append(row)
             print(_line(row), flush=True)
-    result = {"benchmark": "bench_convert", "quick": args.quick, "format": args.format, "parameters": params,
-              "config": vars(config), "machine": machine(), "versions": versions(), "steps": rows,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            dest.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")  # partial results survive a kill
     if packages:
         out = coreml / "student.mlpackage"
         b = run(["-m", "export.bundle", "--packages", *map(str, packages), "--contracts", *map(str, contracts),
@@ -111,8 +115,6 @@ def main(argv=None) -> None:
                             "sum_of_packages_bytes": sum(size(pkg) for pkg in packages),
                             "largest_package_bytes": max(size(pkg) for pkg in packages)}
         print(f"bundle: {result['bundle']}")
-    dest = REPO / "bench" / "results" / f"bench_convert-{'quick' if args.quick else 'full'}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     print(dest)
 

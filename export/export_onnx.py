@@ -35,6 +35,7 @@ def export_entry(ck, model, out_dir: Path, mode: str, T: int, *, rtol: float = R
     out = Path(out_dir) / f"{contract.entry_name(mode, T)}.onnx"
     with torch.no_grad():
         want = wrapper(*example)
+    want = want if isinstance(want, tuple) else (want,)  # a single output comes back bare
     with atomic_path(out) as tmp:
         with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
