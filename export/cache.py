@@ -47,7 +47,7 @@ from .errors import ExportError, cli_errors
 SCHEMA = 1
 GRACE_SECONDS = 3600.0  # gc never deletes a blob or temporary file younger than this
 _HEX = re.compile(r"[0-9a-f]{32}\Z")
-_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{1,254}\Z")
+_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}\Z")
 
 
 class _Bad(Exception):
@@ -235,7 +235,13 @@ class Cache:
     @contextmanager
     def _locked(self, exclusive: bool = False):
         """Builds hold the cache's lock shared while they write or restore; gc holds it exclusive."""
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            if exclusive:
+                raise
+            yield  # a cache we may only read: nothing to guard against
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             yield
