@@ -101,3 +101,44 @@ def files_of(root: Path) -> dict[str, bytes]:
     """Relative path -> bytes of every file below ``root``."""
     root = Path(root)
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def fork_module(module: str, *args, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``python -m module args...`` in a forked child of this (torch-importing) process.
+
+    The child is a separate process with its own stdout/stderr, working folder and
+    exit code, running the module as ``__main__`` exactly as ``-m`` does; it only
+    skips interpreter start-up and the torch import (~3 s each), which matters
+    when many bad-input cases each take a process."""
+    import runpy
+    import tempfile
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            code = 1
+            try:
+                os.dup2(out.fileno(), 1)
+                os.dup2(err.fileno(), 2)
+                # pytest swaps sys.stdout/err for its own capture: point them at the real fds again
+                sys.stdout = open(1, "w", closefd=False)
+                sys.stderr = open(2, "w", closefd=False)
+                os.chdir(cwd)
+                sys.argv = [module, *map(str, args)]
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess([module, *args], os.waitstatus_to_exitcode(status),
+                                           out.read().decode(), err.read().decode())

@@ -15,7 +15,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from export import checkpoint, contract, export_pytorch
 from export.models import get
 
-from conftest import FORMATS, REPO, TINY, TS, files_of, load_program, load_torchscript, run_module, write_checkpoint
+from conftest import FORMATS, REPO, TINY, TS, files_of, fork_module, load_program, load_torchscript, run_module, write_checkpoint
 from test_models import full_prefill, rollout_logits
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32}
@@ -391,19 +391,21 @@ CLI_CASES = [
 ]
 
 
+# These run as real ``python -m`` processes; the others in forked children (see conftest.fork_module).
+REAL_PROCESS_CASES = ("missing_checkpoint", "code_pickle", "T_word", "wrong_shape")
+
+
 @pytest.fixture(scope="session")
 def cli_results(tmp_path_factory):
-    """Run every bad-input case in its own process, a few at a time (each pays the torch import)."""
+    """Run every bad-input case in its own process."""
     root = tmp_path_factory.mktemp("cli")
     cases = {name: _setup_case(name, root / name) for name in CLI_CASES}
-
-    def run(name):
-        c = cases[name]
-        return name, run_module("export.export_pytorch", *c["args"], cwd=root / name)
-
-    with ThreadPoolExecutor(4) as pool:
-        results = dict(pool.map(run, CLI_CASES))
-    return {name: (cases[name], results[name]) for name in CLI_CASES}
+    with ThreadPoolExecutor(len(REAL_PROCESS_CASES)) as pool:
+        real = dict(zip(REAL_PROCESS_CASES, pool.map(
+            lambda n: run_module("export.export_pytorch", *cases[n]["args"], cwd=root / n), REAL_PROCESS_CASES)))
+    forked = {n: fork_module("export.export_pytorch", *cases[n]["args"], cwd=root / n)
+              for n in CLI_CASES if n not in real}
+    return {name: (cases[name], real.get(name) or forked[name]) for name in CLI_CASES}
 
 
 @pytest.mark.parametrize("case", CLI_CASES)
