@@ -13,10 +13,19 @@ from .errors import ExportError
 def _tmp_beside(target: Path, is_dir: bool) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     if is_dir:
-        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        d = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        d.chmod(0o777 & ~_umask())
+        return d
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
     os.close(fd)
     return Path(name)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def remove(path: Path) -> None:

@@ -11,6 +11,7 @@ toolchain give the same bytes in any process (see ``_canonical_torchscript``).
 from __future__ import annotations
 
 import argparse
+import copy
 import contextlib
 import io
 import re
@@ -99,6 +100,7 @@ def export_torchscript(wrapper, example) -> bytes:
 def export_program(wrapper, example) -> bytes:
     """``torch.export`` traces with fake tensors: no real forward pass, whatever T is."""
     ep = torch.export.export(wrapper, example, strict=False)
+    ep._example_inputs = None  # else every .pt2 stores its (T-sized) example K/V cache
     for node in ep.graph.nodes:  # absolute source paths would make the bytes depend on the checkout
         node.meta.pop("stack_trace", None)
     buf = io.BytesIO()
@@ -124,7 +126,8 @@ def export_entry(ck: Loaded, model: torch.nn.Module, out_dir: Path, *, model_nam
     spec = arch.io(ck.config, mode, T, _dtype_name(dtype), kv_cache=kv_cache)
     gen = torch.Generator().manual_seed(EXAMPLE_SEED)
     example = arch.example_inputs(ck.config, mode, T, dt, gen, kv_cache=kv_cache)
-    wrapper = arch.wrap(model.to(dt), mode, kv_cache=kv_cache, T=T).eval()
+    typed = model if dt == torch.float32 else copy.deepcopy(model).to(dt)  # the caller's model stays fp32
+    wrapper = arch.wrap(typed, mode, kv_cache=kv_cache, T=T).eval()
     stem = contract.entry_name(mode, T)
     blobs = {}
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """doit's console output, plus a record of what each task did.
 
 After every run ``<artifacts>/last_build.json`` lists each task with its status
-(``built``, ``restored``, ``up-to-date``, ``failed``) and seconds: what the
+(``built``, ``restored``, ``up-to-date``, ``failed``, ``not-run`` when a
+prerequisite failed) and seconds: what the
 scenario tests assert on, and what ``plan`` is later compared with.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+from doit.exceptions import UnmetDependency
 from doit.reporter import ConsoleReporter
 
 from . import atomic
@@ -44,7 +46,12 @@ class BuildReporter(ConsoleReporter):
 
     def add_failure(self, task, fail):
         super().add_failure(task, fail)
-        self.records[task.name] = {"status": "failed", "seconds": self._seconds(task), "error": fail.get_msg().strip()[-2000:]}
+        if not self._leaf(task):
+            return
+        if isinstance(fail, UnmetDependency):  # not run: something it needs failed
+            self.records[task.name] = {"status": "not-run", "error": "a prerequisite failed"}
+        else:
+            self.records[task.name] = {"status": "failed", "seconds": self._seconds(task), "error": fail.get_msg().strip()[-2000:]}
 
     def _seconds(self, task) -> float:
         return round(time.monotonic() - self._started.get(task.name, time.monotonic()), 3)

@@ -1,60 +1,86 @@
 """Heavy steps run in a worker process, apart from the planner.
 
-The planner (doit) never imports torch or coremltools. A worker process, started
-on the first heavy step and reused for every later one, imports them once and
-keeps what it loaded (checkpoints) between steps. A crash or an out-of-memory
-kill of the worker fails only the step it was running, with that step's log;
-the next step gets a fresh worker.
+The planner (doit) never imports torch or coremltools. A worker process
+(``python -m export.worker``), started on the first heavy step and reused for
+every later one, imports them once and keeps what it loaded (checkpoints)
+between steps. A crash or an out-of-memory kill of the worker fails only the
+step it was running, with that step's log; the next step gets a fresh worker.
+
+Requests and replies are pickles over two pipes of their own; the worker's
+stdout and stderr go to the running step's log. The worker exits when its
+request pipe closes, so it never outlives the process that started it.
 """
 from __future__ import annotations
 
-import atexit
-import multiprocessing
 import os
+import pickle
+import subprocess
 import sys
 import traceback
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from .errors import ExportError
-
-_pool: ProcessPoolExecutor | None = None
-_pool_pid: int | None = None
 
 
 class StepFailed(Exception):
     """A step failed; the message says why and where its log is."""
 
 
-def _get_pool() -> ProcessPoolExecutor:
-    global _pool, _pool_pid
-    if _pool is None or _pool_pid != os.getpid():  # a forked doit runner starts its own
-        _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        _pool_pid = os.getpid()
-    return _pool
+class _Worker:
+    def __init__(self, log: Path):
+        req_r, req_w = os.pipe()
+        rep_r, rep_w = os.pipe()
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "export.worker", str(req_r), str(rep_w)],
+                pass_fds=(req_r, rep_w), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+            )
+        os.close(req_r)
+        os.close(rep_w)
+        self.requests = os.fdopen(req_w, "wb")
+        self.replies = os.fdopen(rep_r, "rb")
+        self.pid = os.getpid()
+
+    def call(self, message):
+        pickle.dump(message, self.requests)
+        self.requests.flush()
+        return pickle.load(self.replies)
+
+    def close(self):
+        for f in (self.requests, self.replies):
+            try:
+                f.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
-def _shutdown() -> None:
-    if _pool is not None and _pool_pid == os.getpid():
-        _pool.shutdown(wait=True, cancel_futures=True)
-
-
-atexit.register(_shutdown)
+_worker: _Worker | None = None
 
 
 def run(step: str, kwargs: dict, log: Path) -> object:
     """Run ``export.steps.<step>(**kwargs)`` in the worker; its output goes to ``log``."""
-    global _pool
+    global _worker
     log.parent.mkdir(parents=True, exist_ok=True)
+    if _worker is None or _worker.pid != os.getpid() or _worker.proc.poll() is not None:
+        _worker = _Worker(log.with_name("worker.log"))  # a forked doit runner starts its own
     try:
-        return _get_pool().submit(_execute, step, kwargs, str(log)).result()
-    except BrokenProcessPool:
-        _pool = None
-        raise StepFailed(f"the worker died during the step (killed, or out of memory); log: {log}") from None
+        status, value = _worker.call((step, kwargs, str(log)))
+    except (EOFError, BrokenPipeError, pickle.UnpicklingError, OSError):
+        code = _worker.proc.wait()
+        _worker = None
+        how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        raise StepFailed(f"the worker died during the step ({how}; out of memory?); log: {log}") from None
+    if status == "ok":
+        return value
+    raise value
 
 
-def _execute(step: str, kwargs: dict, log: str):  # runs in the worker
+def _execute(step: str, kwargs: dict, log: str):
     from . import steps
 
     sys.stdout.flush()
@@ -70,7 +96,8 @@ def _execute(step: str, kwargs: dict, log: str):  # runs in the worker
         raise
     except Exception as e:
         traceback.print_exc()
-        raise StepFailed(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''} (log: {log})") from None
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise StepFailed(f"{type(e).__name__}: {first} (log: {log})") from None
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -78,3 +105,26 @@ def _execute(step: str, kwargs: dict, log: str):  # runs in the worker
         os.dup2(saved[1], 2)
         os.close(saved[0])
         os.close(saved[1])
+
+
+def main(req_fd: int, rep_fd: int) -> None:
+    requests, replies = os.fdopen(req_fd, "rb"), os.fdopen(rep_fd, "wb")
+    while True:
+        try:
+            step, kwargs, log = pickle.load(requests)
+        except EOFError:
+            return  # the planner is gone or done
+        try:
+            reply = ("ok", _execute(step, kwargs, log))
+        except (ExportError, StepFailed) as e:
+            reply = ("err", e)
+        except BaseException as e:  # KeyboardInterrupt and the like: report, then stop
+            pickle.dump(("err", StepFailed(f"{type(e).__name__} (log: {log})")), replies)
+            replies.flush()
+            raise
+        pickle.dump(reply, replies)
+        replies.flush()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]))

@@ -140,3 +140,41 @@ def test_two_builds_started_together_end_correct(built, tmp_path):
     p.doit()
     assert p.ran() == set()
     assert p.artifact_digests() == built.artifact_digests()
+
+
+def test_parallel_build_gives_the_same_artifacts(built, tmp_path):
+    p = Project.create(tmp_path / "parallel")
+    p.doit("-n", "2")
+    assert p.ran() == EVERYTHING
+    assert p.artifact_digests() == built.artifact_digests()
+
+
+def test_a_killed_worker_fails_its_step_only(built, tmp_path):
+    """SIGKILL the worker (as the OOM killer would) in the middle of a step: that task fails with
+    its log, doit goes on with the rest (--continue), and the next build completes correctly."""
+    import psutil
+
+    p = Project.create(tmp_path / "crash")
+    proc = subprocess.Popen([sys.executable, "-m", "doit", "--continue"], cwd=p.root, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    logs = p.root / ".export" / "logs"
+    victim = None
+    deadline = time.time() + 600
+    while victim is None and time.time() < deadline and proc.poll() is None:
+        converting = logs.exists() and any(f.name.startswith("convert_coreml") for f in logs.iterdir())
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True)]
+        if converting and workers:
+            victim = workers[0]
+            victim.kill()
+        time.sleep(0.2)
+    out, err = proc.communicate(timeout=900)
+    assert victim is not None, "no worker was seen converting"
+    assert proc.returncode != 0
+    assert "the worker died during the step" in out + err
+    assert "Traceback" not in err
+    failed = {n for n, s in p.last_build().items() if s == "failed"}
+    assert len(failed) == 1 and failed <= steps("convert_coreml", S + J)
+    assert {n for n, s in p.last_build().items() if s == "built"}  # the rest of the build went on
+    p.doit()
+    assert failed <= p.ran()
+    assert p.artifact_digests() == built.artifact_digests()
