@@ -321,6 +321,29 @@ class Cache:
         self.hits += 1
         return result
 
+    def peek(self, key: str, outputs: list[str]) -> dict[str, str] | None:
+        """The output digests an entry records ({relpath: digest}, as ``get`` returns them), restoring
+        nothing: what the nightly compares a rebuild with. None if there is no valid entry."""
+        _check_args(key, outputs)
+        if not self._usable():
+            return None
+        data = self._read_local(key)
+        if data is None:
+            remote = self._remote_store()
+            try:
+                data = remote.read_manifest(key) if remote is not None else None
+            except Exception as e:
+                self.log(f"warning: remote cache unavailable: {_why(e)}")
+                data = None
+        if data is None:
+            return None
+        try:
+            m = _parse(data, key, outputs)
+        except _Bad:
+            return None
+        return {rel: o["digest"] if o["type"] == "file" else _tree_digest({k: f["digest"] for k, f in o["files"].items()})
+                for rel, o in m["outputs"].items()}
+
     def _read_local(self, key: str) -> bytes | None:
         try:
             with _open_nofollow(self._manifest(key)) as f:

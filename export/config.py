@@ -15,6 +15,11 @@ formats = ["exported_program"]     # export formats: exported_program, torchscri
 convert_from = "exported_program"  # which export Core ML converts
 dtype = "fp32"                     # export dtype: fp32 | fp16
 coreml = { compute_precision = "fp16" }   # Core ML options, see export.coreml_options
+
+[tool.export.cache]                # optional
+local = "~/.cache/model-export"    # shared by checkouts; $MODEL_EXPORT_CACHE
+remote = "s3://bucket/prefix"      # or a directory; $MODEL_EXPORT_REMOTE_CACHE
+read_only = false                  # $MODEL_EXPORT_CACHE_READ_ONLY=1
 ```
 Every error names the file and the field. Imports no torch.
 """
@@ -37,7 +42,8 @@ else:  # pragma: no cover
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 FORMATS = ("exported_program", "torchscript")
-TOP_KEYS = {"artifacts", "shape_sets", "models"}
+TOP_KEYS = {"artifacts", "shape_sets", "models", "cache"}
+CACHE_KEYS = {"local", "remote", "read_only"}
 MODEL_KEYS = {"name", "architecture", "checkpoint", "shape_set", "modes", "formats", "convert_from", "dtype", "coreml"}
 
 
@@ -64,11 +70,19 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    local: str | None = None   # default: $MODEL_EXPORT_CACHE, else ~/.cache/model-export
+    remote: str | None = None  # an fsspec URL: a directory, s3://bucket/prefix ($MODEL_EXPORT_REMOTE_CACHE)
+    read_only: bool = False    # never publish to the remote ($MODEL_EXPORT_CACHE_READ_ONLY=1)
+
+
+@dataclass(frozen=True)
 class Config:
     root: Path
     artifacts: Path
     shape_sets_file: Path
     models: tuple[ModelConfig, ...] = field(default_factory=tuple)
+    cache: CacheConfig = CacheConfig()
 
     def model(self, name: str) -> ModelConfig:
         return next(m for m in self.models if m.name == name)
@@ -129,7 +143,24 @@ def parse(table: object, *, root: Path, file: Path) -> Config:
             raise ExportError(f"duplicate model name {m.name!r} (also models[{seen[m.name]}])", file=file, field=f"tool.export.models[{i}].name")
         seen[m.name] = i
         models.append(m)
-    return Config(root=root, artifacts=artifacts, shape_sets_file=sets_file, models=tuple(models))
+    cache = _cache(table.get("cache", {}), root=root, file=file)
+    return Config(root=root, artifacts=artifacts, shape_sets_file=sets_file, models=tuple(models), cache=cache)
+
+
+def _cache(raw, *, root: Path, file) -> CacheConfig:
+    at = "tool.export.cache"
+    _expect(raw, dict, file=file, field=at, what="a table")
+    unknown = sorted(set(raw) - CACHE_KEYS)
+    if unknown:
+        raise ExportError(f"unknown key(s) {unknown}; known: {sorted(CACHE_KEYS)}", file=file, field=f"{at}.{unknown[0]}")
+    local = raw.get("local")
+    if local is not None:
+        local = str(root / Path(_expect(local, str, file=file, field=f"{at}.local")).expanduser())
+    remote = raw.get("remote")
+    if remote is not None:
+        _expect(remote, str, file=file, field=f"{at}.remote")
+    read_only = _expect(raw.get("read_only", False), bool, file=file, field=f"{at}.read_only")
+    return CacheConfig(local=local, remote=remote, read_only=read_only)
 
 
 def _model(raw, i, *, sets, sets_file, file) -> ModelConfig:

@@ -62,6 +62,7 @@ class _State:
 
     config: config_mod.Config | None = None
     stat: StatCache | None = None
+    cache = None  # export.cache.Cache, made on first use (a no-op build never imports it)
 
 
 S = _State()
@@ -143,32 +144,74 @@ def outputs_intact(task, values):
     return True
 
 
-def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str):
-    """The action of every heavy task: run the step in the worker, then record its outputs' digests."""
+def _cache():
+    if S.cache is None:
+        from .cache import Cache
+
+        c = S.config.cache
+        S.cache = Cache.from_settings(local=c.local, remote=c.remote, read_only=c.read_only,
+                                      log=lambda msg: print(msg, file=sys.stderr))
+    return S.cache
+
+
+def action_key(key: dict, inputs: list[str]) -> str:
+    """The cache key of one action: its key dict plus the content digests of its input files."""
+    digests = {rel: _stat().file(S.config.root / rel) for rel in inputs}
+    return bytes_digest(json.dumps({"key": key, "inputs": digests}, sort_keys=True).encode())
+
+
+def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: dict, inputs: list[str]):
+    """The action of every heavy task: restore its outputs from the cache, or run the step in the
+    worker and publish them. Returns the outputs' digests (what ``outputs_intact`` checks).
+
+    With ``MODEL_EXPORT_NIGHTLY=1`` nothing is restored: every step runs, and each output digest is
+    compared with the cached one (``reproducible`` in the task's values).
+    """
+    import time
+
     from . import worker
 
+    rels = [_rel(p) for p in outputs]
+    akey = action_key(key, inputs)
+    cache = _cache()
+    nightly = os.environ.get("MODEL_EXPORT_NIGHTLY") == "1"
+    if not nightly:
+        restored = cache.get(akey, S.config.root, rels)
+        if restored is not None:
+            return {"outputs": restored, "restored": True, "action_key": akey}
     log = S.config.root / STATE_DIR / "logs" / f"{task_name.replace(':', '__')}.log"
+    started = time.monotonic()
     try:
         worker.run(step, kwargs, log)
     except ExportError as e:
         return TaskFailed(f"error: {e}")
     except worker.StepFailed as e:
         return TaskFailed(f"error: {task_name}: {e}")
+    seconds = round(time.monotonic() - started, 3)
     missing = [str(p) for p in outputs if not p.exists()]
     if missing:
         return TaskFailed(f"error: {task_name}: the step did not write {missing} (log: {log})")
-    return {"outputs": {_rel(p): _stat().any(p) for p in outputs}}
+    digests = {rel: _stat().any(p) for rel, p in zip(rels, outputs)}
+    values = {"outputs": digests, "action_key": akey, "seconds": seconds}
+    if nightly:
+        cached = cache.peek(akey, rels)
+        values["cached"] = cached
+        values["reproducible"] = None if cached is None else cached == digests
+    if not nightly or values["reproducible"] is not False:  # never publish bytes that contradict the cache
+        cache.put(akey, S.config.root, rels, {"task": task_name, "seconds": seconds, "toolchain": key["tools"]})
+    return values
 
 
 def _task(step: str, name: str, doc: str, kwargs: dict, key: dict, outputs: list[Path], targets: list[Path],
           file_dep: list[Path] = (), arch: str | None = None) -> dict:
     full = f"{step}:{name}"
     key = {"step": step, "code": code_digest(step, arch), "tools": versions(STEP_TOOLS[step]), "config": key}
+    deps = [_rel(p) for p in file_dep]  # relative: a copied project keeps its state
     return {
         "name": name,
         "doc": doc,
-        "actions": [(run_step, [step, kwargs, outputs, full])],
-        "file_dep": [_rel(p) for p in file_dep],  # relative: a copied project keeps its state
+        "actions": [(run_step, [step, kwargs, outputs, full, key, deps])],
+        "file_dep": deps,
         "targets": [_rel(p) for p in targets],
         "uptodate": [config_changed(json.dumps(key, sort_keys=True)), outputs_intact],
         "clean": True,

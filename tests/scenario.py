@@ -87,8 +87,13 @@ class Project:
     def set_shape_sets(self, sets: dict) -> None:
         (self.root / "shape_sets.json").write_text(json.dumps(sets, indent=2))
 
+    def env(self, extra: dict | None = None) -> dict:
+        """The environment of a build: the project's own cache (copied along with the project), no remote."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_EXPORT_")}
+        return {**env, "MODEL_EXPORT_CACHE": str(self.root / ".cache"), **(extra or {})}
+
     def doit(self, *args: str, env: dict | None = None, check: bool = True, python_args=()) -> subprocess.CompletedProcess:
-        full_env = {**os.environ, **(env or {})}
+        full_env = self.env(env)
         r = subprocess.run([sys.executable, *python_args, "-m", "doit", *args], cwd=self.root, env=full_env,
                            capture_output=True, text=True, timeout=900)
         if check and r.returncode != 0:
@@ -101,7 +106,14 @@ class Project:
 
     def ran(self) -> set[str]:
         """Tasks that executed their step in the last build."""
-        return {n for n, s in self.last_build().items() if s == "built"}
+        return self.with_status("built")
+
+    def restored(self) -> set[str]:
+        """Tasks whose outputs came back from the cache in the last build."""
+        return self.with_status("restored")
+
+    def with_status(self, status: str) -> set[str]:
+        return {n for n, s in self.last_build().items() if s == status}
 
     def artifact_digests(self) -> dict[str, str]:
         from export.digest import file_digest
