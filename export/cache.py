@@ -695,7 +695,8 @@ def _why(e: BaseException) -> str:
 # --- CLI ---------------------------------------------------------------------
 
 
-def _size(text: str) -> int:
+def parse_size(text: str) -> int:
+    """Bytes from "500000000", "500M", "20G"."""
     m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)i?b?\s*", text, re.I)
     if not m:
         raise ExportError(f"not a size: {text!r} (e.g. 500000000, 500M, 20G)", field="--max-bytes")
@@ -769,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
             if last:
                 print(last)
         else:
-            max_bytes = None if args.max_bytes is None else _size(args.max_bytes)
+            max_bytes = None if args.max_bytes is None else parse_size(args.max_bytes)
             keep = _keep_keys(args.keep_keys_file)
             r = cache.gc(keep_keys=keep, max_bytes=max_bytes, grace=args.grace)
             print(f"gc {cache.root}: kept {r['kept']} entries; deleted {r['deleted_entries']} entries, "

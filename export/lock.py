@@ -10,7 +10,7 @@ from filelock import FileLock, Timeout
 
 # doit commands that only read: they take no lock.
 READ_ONLY = {"list", "info", "help", "dumpdb", "tabcompletion", "strace"}
-DOIT_COMMANDS = READ_ONLY | {"run", "clean", "forget", "ignore", "reset-dep", "auto"}
+DOIT_COMMANDS = READ_ONLY | {"run", "clean", "forget", "ignore", "reset-dep", "auto", "nightly", "cache"}
 
 _held: FileLock | None = None
 

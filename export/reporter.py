@@ -17,6 +17,11 @@ from doit.reporter import ConsoleReporter
 from . import atomic
 
 
+# What a task's values add to its record: output digests and sizes, the step's
+# own seconds and peak memory, the action key, and the nightly's verdict.
+KEPT = ("outputs", "sizes", "peak_mb", "action_key", "reproducible", "cached")
+
+
 class BuildReporter(ConsoleReporter):
     desc = "console output, and a JSON record of the run"
     record_path: Path | None = None  # set by the task generators
@@ -41,8 +46,11 @@ class BuildReporter(ConsoleReporter):
     def add_success(self, task):
         super().add_success(task)
         if self._leaf(task):
-            status = "restored" if (task.values or {}).get("restored") else "built"
-            self.records[task.name] = {"status": status, "seconds": self._seconds(task)}
+            values = task.values or {}
+            status = "restored" if values.get("restored") else "built"
+            record = {"status": status, "seconds": self._seconds(task)}
+            record.update({k: values[k] for k in KEPT if k in values})
+            self.records[task.name] = record
 
     def add_failure(self, task, fail):
         super().add_failure(task, fail)

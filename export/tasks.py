@@ -182,7 +182,7 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
     log = S.config.root / STATE_DIR / "logs" / f"{task_name.replace(':', '__')}.log"
     started = time.monotonic()
     try:
-        worker.run(step, kwargs, log)
+        measured = worker.run(step, kwargs, log)
     except ExportError as e:
         return TaskFailed(f"error: {e}")
     except worker.StepFailed as e:
@@ -192,7 +192,8 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
     if missing:
         return TaskFailed(f"error: {task_name}: the step did not write {missing} (log: {log})")
     digests = {rel: _stat().any(p) for rel, p in zip(rels, outputs)}
-    values = {"outputs": digests, "action_key": akey, "seconds": seconds}
+    sizes = {rel: _size(p) for rel, p in zip(rels, outputs)}
+    values = {"outputs": digests, "sizes": sizes, "action_key": akey, "seconds": seconds, "peak_mb": measured["peak_mb"]}
     if nightly:
         cached = cache.peek(akey, rels)
         values["cached"] = cached
@@ -200,6 +201,10 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
     if not nightly or values["reproducible"] is not False:  # never publish bytes that contradict the cache
         cache.put(akey, S.config.root, rels, {"task": task_name, "seconds": seconds, "toolchain": key["tools"]})
     return values
+
+
+def _size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
 
 
 def _task(step: str, name: str, doc: str, kwargs: dict, key: dict, outputs: list[Path], targets: list[Path],

@@ -62,8 +62,10 @@ class _Worker:
 _worker: _Worker | None = None
 
 
-def run(step: str, kwargs: dict, log: Path) -> object:
-    """Run ``export.steps.<step>(**kwargs)`` in the worker; its output goes to ``log``."""
+def run(step: str, kwargs: dict, log: Path) -> dict:
+    """Run ``export.steps.<step>(**kwargs)`` in the worker; its output goes to ``log``.
+
+    Returns ``{"peak_mb": ...}``: the worker's peak resident memory during the step."""
     global _worker
     log.parent.mkdir(parents=True, exist_ok=True)
     if _worker is None or _worker.pid != os.getpid() or _worker.proc.poll() is not None:
@@ -91,7 +93,9 @@ def _execute(step: str, kwargs: dict, log: str):
     os.dup2(fd, 2)
     os.close(fd)
     try:
-        return getattr(steps, step)(**kwargs)
+        _reset_peak()
+        getattr(steps, step)(**kwargs)
+        return {"peak_mb": _peak_mb()}
     except ExportError:
         raise
     except Exception as e:
@@ -105,6 +109,28 @@ def _execute(step: str, kwargs: dict, log: str):
         os.dup2(saved[1], 2)
         os.close(saved[0])
         os.close(saved[1])
+
+
+def _reset_peak() -> None:
+    """Start a new peak-memory measurement (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def main(req_fd: int, rep_fd: int) -> None:

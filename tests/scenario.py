@@ -28,6 +28,10 @@ PYPROJECT = """\
 name = "scenario"
 version = "0"
 
+[tool.doit.plugins.command]
+nightly = "export.commands:Nightly"
+cache = "export.commands:CacheCmd"
+
 [tool.export]
 artifacts = "artifacts"
 shape_sets = "shape_sets.json"
