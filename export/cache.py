@@ -344,6 +344,44 @@ class Cache:
         return {rel: o["digest"] if o["type"] == "file" else _tree_digest({k: f["digest"] for k, f in o["files"].items()})
                 for rel, o in m["outputs"].items()}
 
+    def probe(self, key: str, outputs: list[str]) -> dict[str, str] | None:
+        """What ``get`` would restore ({relpath: digest}), strictly read-only: no folder made, no entry
+        dropped or touched, no blob pulled. A local entry counts when every blob it names is present
+        with its size (``get`` drops an entry with a missing blob and rebuilds); without a local entry,
+        the remote's manifest is read. None: ``get`` would miss. Used by ``doit plan``."""
+        _check_args(key, outputs)
+        try:
+            path = self._manifest(key)
+            data = path.read_bytes() if path.is_file() and not path.is_symlink() else None
+        except OSError:
+            data = None
+        if data is not None:
+            try:
+                m = _parse(data, key, outputs)
+            except _Bad:
+                return None
+            for digest, size in _blobs(m).items():
+                try:
+                    st = self._blob(digest).lstat()
+                except OSError:
+                    return None
+                if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                    return None
+        else:
+            remote = self._remote_store()
+            try:
+                data = remote.read_manifest(key) if remote is not None else None
+                m = _parse(data, key, outputs) if data is not None else None
+            except _Bad:
+                return None
+            except Exception as e:
+                self.log(f"warning: remote cache unavailable: {_why(e)}")
+                return None
+            if m is None:
+                return None
+        return {rel: o["digest"] if o["type"] == "file" else _tree_digest({k: f["digest"] for k, f in o["files"].items()})
+                for rel, o in m["outputs"].items()}
+
     def _read_local(self, key: str) -> bytes | None:
         try:
             with _open_nofollow(self._manifest(key)) as f:

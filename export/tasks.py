@@ -79,6 +79,27 @@ def code_digest(step: str, arch: str | None = None) -> str:
     return bytes_digest(b"\0\0".join(parts))
 
 
+@lru_cache(maxsize=None)
+def code_files(step: str, arch: str | None = None) -> dict[str, str]:
+    """Digest of each source file ``step`` depends on: kept in the task's values so that ``doit plan``
+    can name the file that changed when ``code_digest`` did."""
+    files = [PACKAGE / name.format(arch=arch) for name in STEP_CODE[step]]
+    return {f.relative_to(PACKAGE).as_posix(): bytes_digest(f.read_bytes()) for f in files if f.exists()}
+
+
+class _saves:
+    """An ``uptodate`` entry that decides nothing (None) and adds ``values`` to the task's values on success."""
+
+    def __init__(self, **values):
+        self.values = values
+
+    def configure_task(self, task):
+        task.value_savers.append(lambda: dict(self.values))
+
+    def __call__(self):
+        return None
+
+
 class ContentChecker(FileChangedChecker):
     """doit's ``check_file_uptodate``: a file changed when its xxh3 digest did."""
 
@@ -156,7 +177,11 @@ def _cache():
 
 def action_key(key: dict, inputs: list[str]) -> str:
     """The cache key of one action: its key dict plus the content digests of its input files."""
-    digests = {rel: _stat().file(S.config.root / rel) for rel in inputs}
+    return action_key_of(key, {rel: _stat().file(S.config.root / rel) for rel in inputs})
+
+
+def action_key_of(key: dict, digests: dict[str, str]) -> str:
+    """The cache key of one action from its input digests (``doit plan`` passes the digests it predicts)."""
     return bytes_digest(json.dumps({"key": key, "inputs": digests}, sort_keys=True).encode())
 
 
@@ -218,7 +243,8 @@ def _task(step: str, name: str, doc: str, kwargs: dict, key: dict, outputs: list
         "actions": [(run_step, [step, kwargs, outputs, full, key, deps])],
         "file_dep": deps,
         "targets": [_rel(p) for p in targets],
-        "uptodate": [config_changed(json.dumps(key, sort_keys=True)), outputs_intact],
+        "uptodate": [config_changed(json.dumps(key, sort_keys=True)), outputs_intact,
+                     _saves(code_files=code_files(step, arch))],
         "clean": True,
         "verbosity": 1,
     }
