@@ -8,6 +8,6 @@ import sys
 
 from export import tasks
 from export.tasks import (  # noqa: F401  (doit finds task_* here)
-    task_bundle_coreml, task_checkpoint, task_convert_coreml, task_export_pytorch)
+    task_bundle_coreml, task_checkpoint, task_convert_coreml, task_export_pytorch, task_prune_artifacts)
 
 DOIT_CONFIG = tasks.setup(__file__, sys.argv)

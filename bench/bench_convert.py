@@ -24,8 +24,8 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, machine  # noqa: E402
 
 from export.digest import tree_files  # noqa: E402
 from export.toolchain import versions  # noqa: E402
@@ -57,9 +57,6 @@ def size(pkg: Path) -> int:
     return sum((pkg / rel).stat().st_size for rel in tree_files(pkg))
 
 
-def machine() -> dict:
-    return {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}
 
 
 def main(argv=None) -> None:

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from common import REPO, machine  # noqa: E402
 FULL_TS = (512, 1024, 2048, 4096)
 QUICK_TS = (64, 128)
 MODES = ("prefill", "decode")
@@ -57,23 +58,6 @@ def child(args) -> None:
                       "artifact_mb": round(size / 2**20, 2)}))
 
 
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gb = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem_gb = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem_gb, "platform": platform.platform()}
 
 
 def make_checkpoint(path: Path, quick: bool) -> dict:

@@ -136,7 +136,7 @@ def setup(dodo_file: str, argv: list[str]) -> dict:
         "backend": "sqlite3",
         "check_file_uptodate": ContentChecker,
         "reporter": BuildReporter,
-        "default_tasks": ["checkpoint", "export_pytorch", "convert_coreml", "bundle_coreml"],
+        "default_tasks": ["checkpoint", "export_pytorch", "convert_coreml", "bundle_coreml", "prune_artifacts"],
         "verbosity": 1,
     }
 
@@ -350,3 +350,49 @@ def task_bundle_coreml():
         yield _task("bundle_coreml", m.name, f"{m.name}: one multifunction package of {len(pkgs)} functions",
                     kwargs, key, [out, manifest_of(out), contract_out], [manifest_of(out), contract_out],
                     file_dep=[manifest_of(p) for p in pkgs] + contracts)
+
+
+def _expected_outputs() -> set[Path]:
+    """Every output path of every task of the current config."""
+    out: set[Path] = set()
+    for m in S.config.models:
+        if m.is_demo:
+            out.add(checkpoint_path(m))
+        for mode, T in m.leaves():
+            files, contract = export_paths(m, mode, T)
+            pkg = package_path(m, mode, T)
+            out.update([*files.values(), contract, pkg, manifest_of(pkg)])
+        bundle = model_dir(m) / f"{m.name}.mlpackage"
+        out.update([bundle, manifest_of(bundle), model_dir(m) / "contract.json"])
+    return out
+
+
+def stale_outputs() -> list[Path]:
+    """Artifacts of leaves no longer in the config (a T removed, a format dropped, a model renamed)."""
+    expected = _expected_outputs()
+    stale = []
+    for model in sorted(S.config.artifacts.glob("*/")):
+        for sub in ("exported", "coreml"):
+            for p in sorted((model / sub).glob("*")):
+                if p not in expected and not p.name.startswith("."):  # dot-names: a step's temporaries
+                    stale.append(p)
+    return stale
+
+
+def _prune() -> dict:
+    from .atomic import remove
+
+    gone = stale_outputs()
+    for p in gone:
+        remove(p)
+    return {"removed": [_rel(p) for p in gone]}
+
+
+def task_prune_artifacts():
+    """Remove artifacts of leaves that are no longer in the config, so artifacts/ holds no stale file."""
+    return {
+        "actions": [_prune],
+        "task_dep": ["bundle_coreml"],
+        "uptodate": [lambda: not stale_outputs()],
+        "verbosity": 1,
+    }

@@ -65,8 +65,9 @@ def test_adding_a_T_builds_only_its_leaves_and_removing_it_builds_none(project):
     assert project.ran() == steps("export_pytorch", new) | steps("convert_coreml", new) | {"bundle_coreml:student"}
     project.set_shape_sets(SHAPE_SETS)
     project.doit()
-    assert project.ran() == set()
+    assert project.ran() == {"prune_artifacts"}  # the T=64 artifacts are removed: nothing stale is left
     assert project.restored() == {"bundle_coreml:student"}  # the earlier bundle comes back from the cache
+    assert not list((project.root / "artifacts" / "student").rglob("*_T64*"))
 
 
 def test_touching_the_checkpoint_builds_nothing(project):
