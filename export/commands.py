@@ -106,3 +106,144 @@ class CacheCmd(DoitCmdBase):
         stats["local"] = str(cache.root)
         print(json.dumps(stats, indent=2, sort_keys=True))
         return 0
+
+
+# --- plan, why, graph, report: read-only views of the build -------------------------------
+
+
+class _Planning(DoitCmdBase):
+    """A command that plans: doit's dependency file opened read-only, the stat cache read-only, the
+    cache probed read-only, no lock (lock.READ_ONLY)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from .plan import ReadOnlySqliteDB
+
+        self._backends = {**self._backends, "sqlite3": ReadOnlySqliteDB}
+
+    def plan(self, selection):
+        from .plan import ReadOnlyStatCache, run_plan
+        from .tasks import S, STATE_DIR
+
+        S.stat = ReadOnlyStatCache(S.config.root / STATE_DIR / "stat-cache.sqlite")
+        try:
+            return run_plan(self.task_list, self.dep_manager, selection)
+        finally:
+            self.dep_manager.close()
+
+
+class Plan(_Planning):
+    name = "plan"
+    doc_purpose = "dry run: what a build would do to every task (run, restore, up to date) and why"
+    doc_usage = "[--json] [--changed] [TASK ...]"
+    doc_description = ("Goes through the whole graph of the selected tasks (default: the default tasks), as\n"
+                       "`doit` would, and says for each task whether it will be built, restored from the cache,\n"
+                       "stay up to date, or may run (an upstream task rebuilds: early cutoff decides), naming\n"
+                       "the input file, config field, source file or tool version that changed.\n"
+                       "Writes nothing and takes no lock.")
+    cmd_options = (
+        {"name": "as_json", "long": "json", "type": bool, "default": False, "help": "print the plan as JSON"},
+        {"name": "changed", "long": "changed", "type": bool, "default": False,
+         "help": "leave out the tasks that stay up to date"},
+    )
+
+    def _execute(self, pos_args=None, as_json=False, changed=False):
+        from .plan import VERDICTS, render
+
+        verdicts = self.plan(pos_args or self.sel_tasks)
+        if as_json:
+            counts = {k: sum(1 for v in verdicts if v.verdict == k) for k in VERDICTS}
+            shown = [v.to_json() for v in verdicts if not (changed and v.verdict == "up-to-date")]
+            self.outstream.write(json.dumps({"tasks": shown, "counts": counts}, indent=2) + "\n")
+        else:
+            self.outstream.write(render(verdicts, only_changes=changed))
+        return 0
+
+
+class Why(_Planning):
+    name = "why"
+    doc_purpose = "why a task would run (or not): its plan verdict and reasons, and those of what it waits on"
+    doc_usage = "[--json] TASK"
+    doc_description = None
+    cmd_options = ({"name": "as_json", "long": "json", "type": bool, "default": False, "help": "print as JSON"},)
+
+    def _execute(self, pos_args=None, as_json=False):
+        from doit.exceptions import InvalidCommand
+
+        if not pos_args or len(pos_args) != 1:
+            raise InvalidCommand(f"`why` needs one task (see `{self.bin_name} help why`)")
+        verdicts = {v.task: v for v in self.plan(pos_args)}
+        target = pos_args[0]
+        asked = [target] if target in verdicts else [n for n in verdicts if n.startswith(target.split(":")[0] + ":")
+                                                     and n in self._members(target)]
+        if as_json:
+            self.outstream.write(json.dumps({n: verdicts[n].to_json() for n in asked}, indent=2) + "\n")
+            return 0
+        for n in asked:
+            self._explain(verdicts, n, 0, set())
+        return 0
+
+    def _members(self, group: str) -> set[str]:
+        tasks = {t.name: t for t in self.task_list}
+        return set(tasks[group].task_dep) if group in tasks else set()
+
+    def _explain(self, verdicts, name, depth, seen):
+        v = verdicts[name]
+        pad = "    " * depth
+        self.outstream.write(f"{pad}{name}: {v.summary()}\n")
+        for r in v.reasons:
+            self.outstream.write(f"{pad}    - {r['text']}\n")
+        seen.add(name)
+        for up in v.after:
+            if up not in seen and up in verdicts:
+                self._explain(verdicts, up, depth + 1, seen)
+
+
+class Graph(_Planning):
+    name = "graph"
+    doc_purpose = "the task graph coloured by plan verdict: <artifacts>/graph.dot and graph.svg"
+    doc_usage = "[--out DIR] [TASK ...]"
+    doc_description = ("Writes graph.dot (Graphviz) and graph.svg (laid out without Graphviz: one band per model,\n"
+                       "one column per step), each task coloured: up to date, will restore, will build, will run,\n"
+                       "may run. Changes no build state and takes no lock.")
+    cmd_options = ({"name": "out", "long": "out", "type": str, "default": "",
+                    "help": "folder for graph.dot and graph.svg (default: the artifacts folder)"},)
+
+    def _execute(self, pos_args=None, out=""):
+        from . import graph
+        from .tasks import S
+
+        verdicts = self.plan(pos_args or self.sel_tasks)
+        nodes = {v.task: v.verdict for v in verdicts}
+        tasks = {t.name: t for t in self.task_list}
+        edges = [(d, n) for n in nodes for d in tasks[n].task_dep if d in nodes]
+        titles = {v.task: "\n".join([f"{v.task}: {v.summary()}", *(f"- {r['text']}" for r in v.reasons)]) for v in verdicts}
+        folder = Path(out) if out else S.config.artifacts
+        dot, svg = folder / "graph.dot", folder / "graph.svg"
+        atomic.write_text(dot, graph.to_dot(nodes, edges, titles))
+        atomic.write_text(svg, graph.to_svg(nodes, edges, titles))
+        self.outstream.write(f"graph: {len(nodes)} tasks, {len(edges)} edges -> {dot}, {svg}\n")
+        return 0
+
+
+class Report(_Planning):
+    name = "report"
+    doc_purpose = "write <artifacts>/report.json and report.html from the last build (every build writes them too)"
+    doc_usage = ""
+    doc_description = None
+    cmd_options = ()
+
+    def _execute(self):
+        from . import report
+        from .tasks import S
+
+        self.dep_manager.close()
+        path = S.config.artifacts / "last_build.json"
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            print(f"error: no build record to report on ({path}: {e}); run doit first", file=sys.stderr)
+            return 2
+        j, h = report.write(S.config.artifacts, report.build_report(S.config.artifacts, record))
+        self.outstream.write(f"report: {j}, {h}\n")
+        return 0

@@ -9,7 +9,8 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 # doit commands that only read: they take no lock.
-READ_ONLY = {"list", "info", "help", "dumpdb", "tabcompletion", "strace"}
+# plan, why, graph and report change no build state (graph and report write only their own files, atomically).
+READ_ONLY = {"list", "info", "help", "dumpdb", "tabcompletion", "strace", "plan", "why", "graph", "report"}
 DOIT_COMMANDS = READ_ONLY | {"run", "clean", "forget", "ignore", "reset-dep", "auto", "nightly", "cache"}
 
 _held: FileLock | None = None

@@ -31,6 +31,10 @@ version = "0"
 [tool.doit.plugins.command]
 nightly = "export.commands:Nightly"
 cache = "export.commands:CacheCmd"
+plan = "export.commands:Plan"
+why = "export.commands:Why"
+graph = "export.commands:Graph"
+report = "export.commands:Report"
 
 [tool.export]
 artifacts = "artifacts"

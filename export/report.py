@@ -1,0 +1,144 @@
+"""The build report: ``<artifacts>/report.json`` and a readable, self-contained ``report.html``.
+
+Made from a build's record (what ``last_build.json`` holds: each task's status, seconds, peak
+memory, output sizes) and each model's aggregate contract (``<artifacts>/<model>/contract.json``).
+Written by the reporter at the end of every build, and by ``doit report`` from the last record.
+Plain data in, files out; no torch, no config.
+"""
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+
+from . import atomic
+
+STATUSES = ("built", "restored", "up-to-date", "failed", "not-run")
+
+
+def _step(name: str) -> str:
+    return name.split(":", 1)[0]
+
+
+def build_report(artifacts: Path, record: dict) -> dict:
+    """The report of one build: ``record`` is ``{"tasks": {name: rec}, "started": ..., "seconds": ...}``."""
+    tasks = record.get("tasks", {})
+    rows = []
+    for name, rec in sorted(tasks.items()):
+        sizes = rec.get("sizes") or {}
+        rows.append({"task": name, "step": _step(name), "status": rec.get("status"), "seconds": rec.get("seconds"),
+                     "peak_mb": rec.get("peak_mb"), "bytes": sum(sizes.values()) if sizes else None,
+                     "outputs": sorted((rec.get("outputs") or {}).keys()), "error": rec.get("error")})
+    counts = {s: sum(1 for r in rows if r["status"] == s) for s in STATUSES}
+    looked = counts["built"] + counts["restored"]
+    steps: dict[str, dict] = {}
+    for r in rows:
+        s = steps.setdefault(r["step"], {"tasks": 0, "seconds": 0.0, **{k: 0 for k in STATUSES}})
+        s["tasks"] += 1
+        s[r["status"]] = s.get(r["status"], 0) + 1
+        s["seconds"] = round(s["seconds"] + (r["seconds"] or 0), 3)
+    return {
+        "schema": "model-export/report", "schema_version": 1,
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started": record.get("started"), "seconds": record.get("seconds"),
+        "counts": counts,
+        "cache": {"hits": counts["restored"], "misses": counts["built"],
+                  "hit_rate": round(counts["restored"] / looked, 3) if looked else None},
+        "steps": steps,
+        "tasks": rows,
+        "models": models(artifacts),
+    }
+
+
+def models(artifacts: Path) -> dict:
+    """Each model's aggregate contract (``<artifacts>/<model>/contract.json``), by model name."""
+    out = {}
+    for path in sorted(Path(artifacts).glob("*/contract.json")):
+        try:
+            out[path.parent.name] = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            out[path.parent.name] = {"error": f"{path}: {e}"}
+    return out
+
+
+def write(artifacts: Path, report: dict) -> tuple[Path, Path]:
+    artifacts = Path(artifacts)
+    j, h = artifacts / "report.json", artifacts / "report.html"
+    atomic.write_text(j, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    atomic.write_text(h, to_html(report))
+    return j, h
+
+
+# --- HTML ---------------------------------------------------------------------------------
+
+CSS = """
+body{font:14px/1.4 -apple-system,system-ui,sans-serif;margin:2em;color:#222}
+h1{font-size:1.4em}h2{font-size:1.15em;margin-top:2em}h3{font-size:1em}
+table{border-collapse:collapse;margin:.5em 0}td,th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:left}
+th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.built{color:#b35c00}.restored{color:#1f5fa8}.up-to-date{color:#2e7d32}.failed,.not-run{color:#c62828}
+.bar{display:inline-block;height:.7em;background:#e8a33d;vertical-align:middle}
+code{font-size:.92em}.muted{color:#777}
+"""
+
+
+def _e(v) -> str:
+    return html.escape("" if v is None else str(v))
+
+
+def _mb(n) -> str:
+    return "" if n is None else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _shape(io: list) -> str:
+    return ", ".join(f"{_e(x.get('name'))} {_e(x.get('dtype'))}{_e(x.get('shape'))}" for x in io or [])
+
+
+def to_html(report: dict) -> str:
+    c, cache = report["counts"], report["cache"]
+    hit = "n/a" if cache["hit_rate"] is None else f"{cache['hit_rate']:.0%}"
+    longest = max((r["seconds"] or 0 for r in report["tasks"]), default=0) or 1
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>model-export build report</title>",
+        f"<style>{CSS}</style></head><body>",
+        "<h1>model-export build report</h1>",
+        f"<p>Started {_e(report.get('started'))}, {_e(report.get('seconds'))} s. "
+        + ", ".join(f"<span class='{s}'>{n} {s}</span>" for s, n in c.items() if n)
+        + f". Cache: {cache['hits']} hits, {cache['misses']} misses (hit rate {hit}).</p>",
+        "<h2>Steps</h2><table><tr><th>step</th><th>tasks</th><th>built</th><th>restored</th><th>up to date</th>"
+        "<th>failed</th><th>seconds</th></tr>",
+    ]
+    for step, s in report["steps"].items():
+        parts.append(f"<tr><td>{_e(step)}</td><td class=n>{s['tasks']}</td><td class=n>{s['built']}</td>"
+                     f"<td class=n>{s['restored']}</td><td class=n>{s['up-to-date']}</td>"
+                     f"<td class=n>{s['failed'] + s['not-run']}</td><td class=n>{s['seconds']:.1f}</td></tr>")
+    parts.append("</table><h2>Tasks</h2><table><tr><th>task</th><th>status</th><th>seconds</th><th></th>"
+                 "<th>peak memory</th><th>size</th></tr>")
+    for r in report["tasks"]:
+        secs = r["seconds"]
+        bar = f"<span class=bar style='width:{max(1, int(120 * (secs or 0) / longest))}px'></span>" if secs else ""
+        peak = f"{r['peak_mb']:.0f} MB" if r["peak_mb"] is not None else ""
+        err = f"<div class=muted>{_e(r['error'][-300:])}</div>" if r.get("error") else ""
+        parts.append(f"<tr id='{_e(r['task'])}'><td><code>{_e(r['task'])}</code>{err}</td>"
+                     f"<td class='{_e(r['status'])}'>{_e(r['status'])}</td>"
+                     f"<td class=n>{'' if secs is None else f'{secs:.1f}'}</td><td>{bar}</td>"
+                     f"<td class=n>{peak}</td><td class=n>{_mb(r['bytes'])}</td></tr>")
+    parts.append("</table><h2>Models</h2>")
+    if not report["models"]:
+        parts.append("<p class=muted>No model contract yet (the bundles have not been built).</p>")
+    for name, contract in report["models"].items():
+        parts.append(f"<h3 id='model-{_e(name)}'>{_e(name)}</h3>")
+        if "error" in contract:
+            parts.append(f"<p class=failed>{_e(contract['error'])}</p>")
+            continue
+        ets = contract.get("enumerated_T") or {}
+        parts.append(f"<p>architecture <code>{_e(contract.get('architecture'))}</code>; enumerated T: "
+                     + "; ".join(f"{_e(m)} {_e(', '.join(map(str, t)))}" for m, t in ets.items()) + "</p>")
+        parts.append("<table><tr><th>function</th><th>dtype</th><th>inputs</th><th>outputs</th><th>states</th></tr>")
+        for fn, entry in (contract.get("functions") or {}).items():
+            parts.append(f"<tr><td><code>{_e(fn)}</code></td><td>{_e(entry.get('dtype'))}</td><td>{_shape(entry.get('inputs'))}</td>"
+                         f"<td>{_shape(entry.get('outputs'))}</td><td>{_shape(entry.get('states'))}</td></tr>")
+        parts.append("</table>")
+    parts.append(f"<p class=muted>Generated {_e(report['generated'])} by model-export.</p></body></html>\n")
+    return "\n".join(parts)
