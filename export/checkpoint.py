@@ -1,11 +1,15 @@
-"""Checkpoints: one file holds the architecture name, its config and the weights.
+"""Checkpoints: one file holds the architecture name, its config and the weights,
+or a transformers model folder.
 
-Two formats, both loaded without executing code:
+Three formats, all loaded without executing code:
 - ``.pt``: a ``torch.save`` of ``{"format", "version", "architecture", "config",
   "state_dict"}``, read with ``torch.load(weights_only=True)``;
 - ``.safetensors``: the weights, with ``architecture`` and ``config`` (JSON) in the
   header's ``__metadata__``; a ``config.json`` beside the file holding
-  ``{"architecture": ..., "config": {...}}`` is read when the header has none.
+  ``{"architecture": ..., "config": {...}}`` is read when the header has none;
+- a folder as transformers writes it (``save_pretrained``): ``config.json`` (a
+  transformers config) + ``model.safetensors``; architecture ``hf-causal-lm``.
+  Read offline (``local_files_only``), safetensors only, ``trust_remote_code=False``.
 
 Demo checkpoints are made from a fixed seed: the same bytes every time.
 """
@@ -23,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import atomic
+from .checkpoint_files import FOLDER_FILES
 from .errors import ExportError, cli_errors
 from .models import get
 from .models.common import config_from_dict
@@ -35,6 +40,7 @@ DEMO_CONFIGS = {
     "judge": dict(vocab_size=1024, d_model=96, n_layers=2, n_heads=4, ffn_hidden=192, max_positions=4096),
 }
 DEMO_SEED = 20261126
+FOLDER_ARCHITECTURE = "hf-causal-lm"  # what a model folder holds
 
 
 class Loaded:
@@ -66,6 +72,30 @@ class Loaded:
                 )
         model.load_state_dict(self.state_dict, strict=True, assign=True)
         return model.float().eval()
+
+
+class FolderLoaded(Loaded):
+    """A transformers model folder: ``config`` is its transformers config; ``state_dict``
+    is read from ``model.safetensors`` on first use; ``model()`` loads through transformers."""
+
+    def __init__(self, path: Path, arch, config):
+        self.path, self.arch, self.config, self._state = path, arch, config, None
+
+    @property
+    def state_dict(self) -> dict:
+        if self._state is None:
+            self._state = _read_safetensors_state(self.path / "model.safetensors")
+        return self._state
+
+    def model(self) -> torch.nn.Module:
+        try:
+            return self.arch.load_model(self.path)
+        except ExportError:
+            raise
+        except Exception as e:  # noqa: BLE001 - transformers raises many types for bad weights
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ExportError(f"transformers could not load the weights: {type(e).__name__}: {first}",
+                              file=self.path / "model.safetensors", field="state_dict") from None
 
 
 def _few(names: list[str]) -> str:
@@ -132,15 +162,47 @@ def _read_safetensors(path: Path) -> dict:
     return {"architecture": sidecar.get("architecture"), "config": sidecar.get("config", {}), "state_dict": state}
 
 
+def _read_safetensors_state(path: Path) -> dict:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ExportError(f"not a readable safetensors file (corrupt, truncated or a lying header): {str(e)[:160]}", file=path, field="header") from None
+
+
+def _load_folder(path: Path) -> FolderLoaded:
+    """A transformers model folder: config.json + model.safetensors (no pickles, no remote code)."""
+    for name in FOLDER_FILES:
+        if not (path / name).is_file():
+            raise ExportError(f"a model folder needs {' and '.join(FOLDER_FILES)}; {name} is missing", file=path / name, field="checkpoint")
+    from safetensors import SafetensorError, safe_open
+
+    try:  # the header only: a lying or truncated file is refused before transformers sees it
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ExportError(f"not a readable safetensors file (corrupt, truncated or a lying header): {str(e)[:160]}",
+                          file=path / "model.safetensors", field="header") from None
+    arch = get(FOLDER_ARCHITECTURE, file=path, field="architecture")
+    return FolderLoaded(path, arch, arch.load_config(path))
+
+
 def load(path: Path | str) -> Loaded:
-    """Read and check a checkpoint. Never executes code from the file."""
+    """Read and check a checkpoint (a file, or a transformers model folder). Never executes code from it."""
     path = Path(path)
+    if path.is_dir():
+        return _load_folder(path)
     if not path.is_file():
         raise ExportError("no such checkpoint file", file=path, field="checkpoint")
     if path.stat().st_size == 0:
         raise ExportError("empty file (zero bytes)", file=path, field="file")
     obj = _read_safetensors(path) if path.suffix == ".safetensors" else _read_pt(path)
     arch = get(obj.get("architecture"), file=path, field="architecture")
+    if arch.config_cls is None:
+        raise ExportError(f"architecture {arch.name!r} loads from a model folder ({' + '.join(FOLDER_FILES)}), not a single file",
+                          file=path, field="architecture")
     config = config_from_dict(arch.config_cls, obj.get("config"), file=path, field="config")
     state = obj.get("state_dict")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -218,7 +280,8 @@ def main(argv=None) -> None:
             ck = load(args.checkpoint)
             ck.model()
             n = sum(t.numel() for t in ck.state_dict.values())
-            print(json.dumps({"architecture": ck.arch.name, "config": asdict(ck.config), "parameters": n}, indent=2))
+            config = ck.config.to_diff_dict() if hasattr(ck.config, "to_diff_dict") else asdict(ck.config)
+            print(json.dumps({"architecture": ck.arch.name, "config": config, "parameters": n}, indent=2, default=str))
 
 
 if __name__ == "__main__":

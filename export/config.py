@@ -8,7 +8,7 @@ shape_sets = "shape_sets.json"
 [[tool.export.models]]
 name = "student"                   # a plain name: it is also a folder name
 architecture = "student"
-checkpoint = "demo"                # "demo" (made on demand, deterministic) or a path
+checkpoint = "demo"                # "demo" (made on demand, deterministic) or a path (a file, or a model folder)
 shape_set = "default"              # a set of shape_sets.json
 modes = ["prefill", "decode"]      # default: every mode of the architecture
 formats = ["exported_program"]     # export formats: exported_program, torchscript
@@ -33,7 +33,7 @@ from pathlib import Path
 from . import shape_sets as shape_sets_mod
 from .coreml_options import CoreMLOptions
 from .errors import ExportError
-from .models.names import ARCHITECTURE_MODES, ARCHITECTURE_NAMES
+from .models.names import ARCHITECTURE_MODES, ARCHITECTURE_NAMES, DEMO_ARCHITECTURES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -182,6 +182,9 @@ def _model(raw, i, *, sets, sets_file, file) -> ModelConfig:
     checkpoint = _expect(raw.get("checkpoint", "demo"), str, file=file, field=f"{at}.checkpoint")
     if not checkpoint:
         raise ExportError("must be 'demo' or a path", file=file, field=f"{at}.checkpoint")
+    if checkpoint == "demo" and arch not in DEMO_ARCHITECTURES:
+        raise ExportError(f"architecture {arch!r} has no demo checkpoint: give the path of a model folder "
+                          "(config.json + model.safetensors)", file=file, field=f"{at}.checkpoint")
     set_name = _expect(raw.get("shape_set", "default"), str, file=file, field=f"{at}.shape_set")
     chosen = shape_sets_mod.pick(sets, set_name, file=file, field=f"{at}.shape_set")
     enumerated = {}

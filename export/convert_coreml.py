@@ -30,6 +30,7 @@ import torch
 
 from . import contract as contract_mod
 from .atomic import atomic_path
+from . import coreml_torch_ops  # noqa: F401  (our op converters, registered before converting)
 from .coreml_checks import check_finite, check_on_device, check_supported
 from .coreml_options import CHOICES, STATEFUL_TARGETS, CoreMLOptions
 from .coreml_spec import check_spec

@@ -1,7 +1,10 @@
 """Checks around a Core ML conversion.
 
 - ``unsupported_ops(program)``: before converting, the ops of a TorchScript
-  module or an ExportedProgram that coremltools has no converter for, by name.
+  module or an ExportedProgram that coremltools has no converter for, by name;
+  ``unsupported_op_origins`` also says where each comes from (module and
+  source line, from the nodes' metadata), and ``check_supported`` refuses the
+  program with that list. Our own converters (``coreml_torch_ops``) count.
 - ``check_finite(mlmodel)``: after converting, no constant of the program
   holds NaN or Inf (``-inf`` masks turn into NaN, see DESIGN).
 - ``check_on_device(...)``: on macOS, the package compiles and its predictions
@@ -21,14 +24,20 @@ _TS_PLUMBING = {"prim::Constant", "prim::ListConstruct", "prim::ListUnpack", "pr
                 "prim::TupleUnpack", "prim::GetAttr", "prim::NumToTensor", "prim::device", "prim::dtype"}
 
 
+MAX_ORIGINS = 3  # origins listed per op
+
+
 def _registry():
     from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
     import coremltools.converters.mil.frontend.torch.ops  # noqa: F401  (fills the registry)
 
+    from . import coreml_torch_ops  # noqa: F401  (adds ours)
+
     return _TORCH_OPS_REGISTRY
 
 
-def _kinds(program) -> list[str]:
+def _nodes(program) -> list[tuple[str, object]]:
+    """(op name, node) of every op the converter looks up."""
     if isinstance(program, torch.export.ExportedProgram):
         out = []
         for node in program.graph.nodes:
@@ -36,23 +45,45 @@ def _kinds(program) -> list[str]:
                 continue
             target = node.target
             try:
-                out.append(target.name())
+                out.append((target.name(), node))
             except AttributeError:
-                out.append(getattr(target, "__name__", str(target)))
+                out.append((getattr(target, "__name__", str(target)), node))
         return out
-    return [n.kind() for n in program.inlined_graph.nodes() if n.kind() not in _TS_PLUMBING]
+    return [(n.kind(), n) for n in program.inlined_graph.nodes() if n.kind() not in _TS_PLUMBING]
+
+
+def unsupported_op_origins(program) -> dict[str, list[str]]:
+    """Op name -> where its nodes come from (``module.path (Class), file:line in function: code``),
+    for every op of ``program`` that coremltools cannot convert; sorted by name."""
+    from .provenance import node_origin
+
+    registry = _registry()
+    out: dict[str, list[str]] = {}
+    for kind, node in _nodes(program):
+        if registry.get_func(kind) is None:
+            origins = out.setdefault(kind, [])
+            origin = node_origin(node)
+            if origin not in origins:
+                origins.append(origin)
+    return dict(sorted(out.items()))
 
 
 def unsupported_ops(program) -> list[str]:
     """Sorted op names of ``program`` that coremltools 9.0 cannot convert."""
-    registry = _registry()
-    return sorted({k for k in _kinds(program) if registry.get_func(k) is None})
+    return list(unsupported_op_origins(program))
 
 
 def check_supported(program, *, file: object) -> None:
-    missing = unsupported_ops(program)
+    """Refuse, before a long conversion, a program with ops coremltools cannot convert: each op by
+    name with where it comes from."""
+    missing = unsupported_op_origins(program)
     if missing:
-        raise ExportError(f"coremltools cannot convert {len(missing)} op(s): {', '.join(missing)}", file=file, field="ops")
+        lines = []
+        for kind, origins in missing.items():
+            more = f" (and {len(origins) - MAX_ORIGINS} more places)" if len(origins) > MAX_ORIGINS else ""
+            lines.append(f"  {kind}{more}:" + "".join(f"\n    from {o}" for o in origins[:MAX_ORIGINS]))
+        raise ExportError(f"coremltools cannot convert {len(missing)} op(s): {', '.join(missing)}\n" + "\n".join(lines),
+                          file=file, field="ops")
 
 
 def _walk(block):

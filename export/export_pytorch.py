@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, contract, shape_sets
+from . import atomic, checkpoint_files, contract, shape_sets
 from .checkpoint import Loaded, load
-from .digest import bytes_digest, file_digest
+from .digest import bytes_digest
 from .errors import ExportError, cli_errors
+from .provenance import portable_source
 from .toolchain import versions
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "float32": torch.float32, "float16": torch.float16}
@@ -102,7 +103,9 @@ def export_program(wrapper, example) -> bytes:
     ep = torch.export.export(wrapper, example, strict=False)
     ep._example_inputs = None  # else every .pt2 stores its (T-sized) example K/V cache
     for node in ep.graph.nodes:  # absolute source paths would make the bytes depend on the checkout
-        node.meta.pop("stack_trace", None)
+        trace = portable_source(node.meta.pop("stack_trace", None))
+        if trace:
+            node.meta["stack_trace"] = trace  # the preflight says where an unsupported op comes from
     buf = io.BytesIO()
     torch.export.save(ep, buf)
     return buf.getvalue()
@@ -140,8 +143,8 @@ def export_entry(ck: Loaded, model: torch.nn.Module, out_dir: Path, *, model_nam
         "inputs": [t.to_json() for t in spec.inputs], "outputs": [t.to_json() for t in spec.outputs],
         "states": [t.to_json() for t in spec.states], "kv_cache": "state" if spec.states else "explicit",
         "exports": {fmt: {"file": stem + contract.FORMATS[fmt], "digest": bytes_digest(b)} for fmt, b in blobs.items()},
-        "checkpoint": {"digest": checkpoint_digest or file_digest(ck.path)},
-        "toolchain": versions(STEP_TOOLS),
+        "checkpoint": {"digest": checkpoint_digest or checkpoint_files.digest(ck.path)},
+        "toolchain": versions(STEP_TOOLS + arch.tools),
     }
     for fmt, blob in blobs.items():
         atomic.write_bytes(out_dir / (stem + contract.FORMATS[fmt]), blob)
@@ -167,7 +170,7 @@ def export_model(checkpoint: Path | str, out_dir: Path | str, *, modes: list[str
     per_mode = _resolve_T(ck, modes, enumerated_T, shape_sets_file, shape_set)
     model = ck.model()  # before touching --out: bad weights must leave no output folder behind
     _check_writable(out_dir)
-    digest = file_digest(ck.path)
+    digest = checkpoint_files.digest(ck.path)
     entries = [
         export_entry(ck, model, out_dir, model_name=name, mode=mode, T=T, formats=list(formats), dtype=dtype,
                      checkpoint_digest=digest, kv_cache=kv_cache)

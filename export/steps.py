@@ -14,8 +14,10 @@ _checkpoints: dict = {}  # (path, stat) -> (Loaded, model): a checkpoint is load
 def _loaded(path: str):
     from .checkpoint import load
 
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    from .checkpoint_files import input_files
+
+    stats = [os.stat(f) for f in input_files(path)]  # a model folder: its config.json and model.safetensors
+    key = (os.path.abspath(path), *((st.st_ino, st.st_size, st.st_mtime_ns) for st in stats))
     if key not in _checkpoints:
         _checkpoints.clear()
         ck = load(path)

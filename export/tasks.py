@@ -23,11 +23,13 @@ from doit.dependency import FileChangedChecker
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
+from . import checkpoint_files
 from . import config as config_mod
 from . import lock
 from .contract import entry_name
 from .digest import StatCache, bytes_digest
 from .errors import ExportError
+from .models.names import ARCHITECTURE_TOOLS, module_name
 from .reporter import BuildReporter
 from .toolchain import versions
 
@@ -37,12 +39,14 @@ STATE_DIR = ".export"  # doit's dependency file, the stat cache, the lock and st
 # The source files each step's outputs depend on (read as text, never imported).
 # "{arch}" stands for the model's architecture: a change to the judge's code
 # does not rebuild the student.
-MODELS = ["models/{arch}.py", "models/spec.py", "models/common.py", "models/registry.py", "models/names.py"]
+MODELS = ["models/{arch}.py", "models/spec.py", "models/common.py", "models/registry.py", "models/names.py",
+          "models/decoder_lm.py", "checkpoint_files.py", "provenance.py"]
 STEP_CODE = {
     "checkpoint": ["checkpoint.py", *MODELS, "atomic.py"],
     "export_pytorch": ["export_pytorch.py", "checkpoint.py", *MODELS, "contract.py", "atomic.py", "digest.py",
                        "shape_sets.py", "toolchain.py"],
-    "convert_coreml": ["convert_coreml.py", "coreml_options.py", "coreml_checks.py", "coreml_spec.py", "contract.py",
+    "convert_coreml": ["convert_coreml.py", "coreml_options.py", "coreml_checks.py", "coreml_torch_ops.py", "provenance.py",
+                       "coreml_spec.py", "contract.py",
                        "mlpackage.py", "atomic.py", "digest.py", "toolchain.py"],
     "bundle_coreml": ["bundle.py", "contract.py", "atomic.py", "digest.py", "mlpackage.py"],
     "export_onnx": ["export_onnx.py", "checkpoint.py", *MODELS, "atomic.py"],
@@ -55,6 +59,7 @@ STEP_TOOLS = {
     "bundle_coreml": ("coremltools",),
     "export_onnx": ("torch", "onnx", "onnxruntime", "numpy"),
 }
+ARCH_TOOL_STEPS = ("export_pytorch", "export_onnx")  # steps that run the model code: + ARCHITECTURE_TOOLS[arch]
 
 
 class _State:
@@ -73,7 +78,7 @@ def code_digest(step: str, arch: str | None = None) -> str:
     """Digest of the source text of the files ``step`` depends on (for ``arch``)."""
     parts = []
     for name in STEP_CODE[step]:
-        f = PACKAGE / name.format(arch=arch)
+        f = PACKAGE / name.format(arch=module_name(arch or ""))
         if f.exists():
             parts.append(f.relative_to(PACKAGE).as_posix().encode() + b"\0" + f.read_bytes())
     return bytes_digest(b"\0\0".join(parts))
@@ -83,7 +88,7 @@ def code_digest(step: str, arch: str | None = None) -> str:
 def code_files(step: str, arch: str | None = None) -> dict[str, str]:
     """Digest of each source file ``step`` depends on: kept in the task's values so that ``doit plan``
     can name the file that changed when ``code_digest`` did."""
-    files = [PACKAGE / name.format(arch=arch) for name in STEP_CODE[step]]
+    files = [PACKAGE / name.format(arch=module_name(arch or "")) for name in STEP_CODE[step]]
     return {f.relative_to(PACKAGE).as_posix(): bytes_digest(f.read_bytes()) for f in files if f.exists()}
 
 
@@ -235,7 +240,8 @@ def _size(p: Path) -> int:
 def _task(step: str, name: str, doc: str, kwargs: dict, key: dict, outputs: list[Path], targets: list[Path],
           file_dep: list[Path] = (), arch: str | None = None) -> dict:
     full = f"{step}:{name}"
-    key = {"step": step, "code": code_digest(step, arch), "tools": versions(STEP_TOOLS[step]), "config": key}
+    tools = STEP_TOOLS[step] + (ARCHITECTURE_TOOLS.get(arch, ()) if step in ARCH_TOOL_STEPS else ())
+    key = {"step": step, "code": code_digest(step, arch), "tools": versions(tools), "config": key}
     deps = [_rel(p) for p in file_dep]  # relative: a copied project keeps its state
     return {
         "name": name,
@@ -259,6 +265,11 @@ def model_dir(m) -> Path:
 
 def checkpoint_path(m) -> Path:
     return model_dir(m) / "checkpoint.pt" if m.is_demo else S.config.root / m.checkpoint
+
+
+def checkpoint_inputs(m) -> list[Path]:
+    """The files a model's checkpoint consists of (a model folder: its config.json and model.safetensors)."""
+    return checkpoint_files.input_files(checkpoint_path(m))
 
 
 def export_paths(m, mode, T) -> tuple[dict[str, Path], Path]:
@@ -317,7 +328,7 @@ def task_export_pytorch():
             outs = [*files.values(), contract]
             by_T.setdefault(T, []).append(leaf(m, mode, T))
             yield _task("export_pytorch", leaf(m, mode, T), f"{m.name} {mode} T={T}: {', '.join(m.formats)} + contract",
-                        kwargs, key, outs, outs, file_dep=[ck], arch=m.architecture)
+                        kwargs, key, outs, outs, file_dep=checkpoint_inputs(m), arch=m.architecture)
     yield from _groups("export_pytorch", "export", by_T)
 
 

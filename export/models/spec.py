@@ -57,6 +57,11 @@ class Architecture:
       a tuple in declared order (the exported signature).
     - ``example_inputs(config, mode, T, dtype, generator, kv_cache="explicit")``: valid inputs.
 
+    - ``load_model(folder)``, ``load_config(folder)``: for architectures whose checkpoints
+      are model folders (``hf-causal-lm``), the model with its weights and its config;
+      ``None`` for single-file checkpoints.
+    - ``tools``: packages besides torch whose version changes the exported bytes.
+
     ``kv_cache``: ``"explicit"`` (caches are inputs and outputs) or ``"state"``
     (caches are buffers updated in place, declared as ``states``; needs T in
     ``wrap``). Modes without a cache ignore it.
@@ -70,6 +75,9 @@ class Architecture:
     wrap: Callable
     example_inputs: Callable
     max_positions: Callable  # config -> int
+    load_model: Callable | None = None
+    load_config: Callable | None = None
+    tools: tuple[str, ...] = ()
 
 
 TORCH_DTYPES = {"float32": "float32", "float16": "float16", "int32": "int32"}

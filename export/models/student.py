@@ -20,8 +20,10 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from . import decoder_lm
+from .decoder_lm import LMDims, decode_slots, prefill_mask, with_token
 from .names import ARCHITECTURE_MODES
-from .spec import KV_CACHE_STYLES, MASK_VALUE, ModeSpec, TensorSpec
+from .spec import ModeSpec
 
 MODES = ARCHITECTURE_MODES["student"]
 
@@ -123,6 +125,7 @@ class Student(nn.Module):
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.norm = RMSNorm(c.d_model, c.norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.dims = dims(c)
 
     def _rotary(self, position_ids, dtype):
         return rotary(position_ids, self.c.head_dim, self.c.rope_theta, dtype)
@@ -130,8 +133,7 @@ class Student(nn.Module):
     def prefill(self, input_ids, position_ids):
         x = self.embed(input_ids)
         cos, sin = self._rotary(position_ids, x.dtype)
-        pos = position_ids[:, None]  # [B,1,T]
-        mask = (pos[..., None, :] > pos[..., :, None]).to(x.dtype) * MASK_VALUE  # [B,1,Tq,Tk]: later keys masked
+        mask = prefill_mask(position_ids, x.dtype)  # [B,1,Tq,Tk]: later keys masked
         ks, vs = [], []
         for block in self.blocks:
             q, k, v = block.qkv(x, cos, sin)
@@ -148,113 +150,28 @@ class Student(nn.Module):
         """
         x = self.embed(input_ids)
         cos, sin = self._rotary(position_ids, x.dtype)
-        slots = torch.arange(k_cache.shape[3], dtype=torch.int32).view(1, 1, -1, 1)
-        pos = position_ids.view(-1, 1, 1, 1)
-        here = slots == pos  # [B,1,T,1]: the slot this token's K/V take
-        mask = (slots > pos).to(x.dtype).transpose(-1, -2) * MASK_VALUE  # [B,1,1,T]: free slots masked
+        here, mask = decode_slots(position_ids, k_cache.shape[3], x.dtype)  # this token's slot; free slots masked
         ks, vs = [], []
         for i, block in enumerate(self.blocks):
             q, k, v = block.qkv(x, cos, sin)
-            k_all = torch.where(here, k, k_cache[i])
-            v_all = torch.where(here, v, v_cache[i])
-            if write_cache:
-                k_cache[i] = k_all
-                v_cache[i] = v_all
+            k_all, v_all = with_token(k, v, k_cache, v_cache, i, here, write_cache)
             x = block.finish(x, q, k_all, v_all, mask)
             ks.append(k)
             vs.append(v)
         return self.lm_head(self.norm(x)), torch.stack(ks), torch.stack(vs)
 
 
-class _Prefill(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, position_ids):
-        return self.model.prefill(input_ids, position_ids)
-
-
-class _Decode(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, position_ids, k_cache, v_cache):
-        return self.model.decode(input_ids, position_ids, k_cache, v_cache)
-
-
-class _StatefulDecode(nn.Module):
-    """Decode whose K/V caches are fp16 buffers updated in place: Core ML turns them into states."""
-
-    def __init__(self, model, T: int):
-        super().__init__()
-        self.model = model
-        c = model.c
-        kv = (c.n_layers, 1, c.n_kv_heads, T, c.head_dim)
-        self.register_buffer("k_cache", torch.zeros(kv, dtype=torch.float16))
-        self.register_buffer("v_cache", torch.zeros(kv, dtype=torch.float16))
-
-    def forward(self, input_ids, position_ids):
-        logits, _, _ = self.model.decode(input_ids, position_ids, self.k_cache, self.v_cache, write_cache=True)
-        return (logits,)
-
-
-def wrap(model: Student, mode: str, kv_cache: str = "explicit", T: int | None = None) -> nn.Module:
-    if kv_cache not in KV_CACHE_STYLES:
-        raise KeyError(kv_cache)
-    if mode == "decode" and kv_cache == "state":
-        if T is None:
-            raise ValueError("the stateful decode needs the cache capacity T")
-        return _StatefulDecode(model, T)
-    return {"prefill": _Prefill, "decode": _Decode}[mode](model)
+def dims(c: StudentConfig) -> LMDims:
+    return LMDims(n_layers=c.n_layers, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, vocab_size=c.vocab_size)
 
 
 def io(c: StudentConfig, mode: str, T: int, dtype: str = "float32", kv_cache: str = "explicit") -> ModeSpec:
-    kv = (c.n_layers, 1, c.n_kv_heads, T, c.head_dim)
-    new_kv = (c.n_layers, 1, c.n_kv_heads, 1, c.head_dim)
-    if kv_cache not in KV_CACHE_STYLES:
-        raise KeyError(kv_cache)
-    if mode == "decode" and kv_cache == "state":
-        return ModeSpec(
-            inputs=(TensorSpec("input_ids", (1, 1), "int32"), TensorSpec("position_ids", (1, 1), "int32")),
-            outputs=(TensorSpec("logits", (1, 1, c.vocab_size), dtype),),
-            states=(TensorSpec("k_cache", kv, "float16"), TensorSpec("v_cache", kv, "float16")),
-        )
-    if mode == "prefill":
-        return ModeSpec(
-            inputs=(TensorSpec("input_ids", (1, T), "int32"), TensorSpec("position_ids", (1, T), "int32")),
-            outputs=(
-                TensorSpec("logits", (1, T, c.vocab_size), dtype),
-                TensorSpec("k_cache", kv, dtype),
-                TensorSpec("v_cache", kv, dtype),
-            ),
-        )
-    if mode == "decode":
-        return ModeSpec(
-            inputs=(
-                TensorSpec("input_ids", (1, 1), "int32"),
-                TensorSpec("position_ids", (1, 1), "int32"),
-                TensorSpec("k_cache", kv, dtype),
-                TensorSpec("v_cache", kv, dtype),
-            ),
-            outputs=(
-                TensorSpec("logits", (1, 1, c.vocab_size), dtype),
-                TensorSpec("k_new", new_kv, dtype),
-                TensorSpec("v_new", new_kv, dtype),
-            ),
-        )
-    raise KeyError(mode)
+    return decoder_lm.io(dims(c), mode, T, dtype, kv_cache)
 
 
 def example_inputs(c: StudentConfig, mode: str, T: int, dtype: torch.dtype, generator: torch.Generator,
                    kv_cache: str = "explicit"):
-    if mode == "prefill":
-        ids = torch.randint(0, c.vocab_size, (1, T), dtype=torch.int32, generator=generator)
-        return ids, torch.arange(T, dtype=torch.int32)[None]
-    kv = (c.n_layers, 1, c.n_kv_heads, T, c.head_dim)
-    ids = torch.randint(0, c.vocab_size, (1, 1), dtype=torch.int32, generator=generator)
-    pos = torch.tensor([[T // 2]], dtype=torch.int32)
-    if kv_cache == "state":
-        return ids, pos
-    return ids, pos, torch.randn(kv, generator=generator).to(dtype), torch.randn(kv, generator=generator).to(dtype)
+    return decoder_lm.example_inputs(dims(c), mode, T, dtype, generator, kv_cache)
+
+
+wrap = decoder_lm.wrap

@@ -1,0 +1,171 @@
+"""``hf-causal-lm``: a transformers decoder-only causal LM (a folder with
+``config.json`` + ``model.safetensors``), presented with the student's contract.
+
+The transformers model runs its own layers, norms, rotary embeddings and head;
+this module only replaces the two parts Core ML cannot take as transformers 5
+builds them:
+
+- the mask: transformers derives it from a 2D mask (``torch.diff`` to detect
+  packed sequences, ``new_ones``, ...). We pass a finite additive 4D mask made
+  from ``position_ids`` (``decoder_lm.prefill_mask`` / ``decode_slots``), which
+  transformers uses as is;
+- the KV cache: instead of transformers' ``Cache`` classes, ``_StackedKV`` is
+  handed to every attention layer as its ``cache``; its ``update`` records the
+  layer's new K/V and returns the K/V the layer attends over (the token's K/V
+  written into its slot of the caller's cache, in place for the stateful
+  variant).
+
+Attention runs in transformers' ``eager`` implementation (plain matmul +
+additive mask + softmax), which converts; K/V come out stacked as
+[L, 1, n_kv, T, head_dim] like the student's.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ExportError
+from . import decoder_lm
+from .decoder_lm import LMDims, decode_slots, prefill_mask, with_token
+from .names import ARCHITECTURE_MODES
+
+MODES = ARCHITECTURE_MODES["hf-causal-lm"]
+FILES = ("config.json", "model.safetensors")  # what a model folder must hold (see export.checkpoint_files)
+ATTENTION = "eager"
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - the hf extra is part of the test extra
+        raise ExportError("the hf-causal-lm architecture needs transformers: pip install 'model-export[hf]'",
+                          field="architecture") from None
+    return transformers
+
+
+def load_config(folder: Path):
+    """The folder's transformers config, read offline, without remote code."""
+    tf = _transformers()
+    try:
+        config = tf.AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ExportError(f"not a transformers config: {first}", file=folder / "config.json", field="model_type") from None
+    check_config(config, file=folder / "config.json")
+    return config
+
+
+def check_config(config, *, file=None) -> None:
+    """Refuse what the stacked K/V contract cannot express, naming the field."""
+    tf = _transformers()
+    if type(config) not in tf.MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ExportError(f"model_type {config.model_type!r} has no causal LM class in transformers", file=file, field="model_type")
+    if getattr(config, "is_encoder_decoder", False):
+        raise ExportError("an encoder-decoder model is not a decoder-only causal LM", file=file, field="is_encoder_decoder")
+    for need in ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size"):
+        if not isinstance(getattr(config, need, None), int):
+            raise ExportError(f"the config has no integer {need}", file=file, field=need)
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    other = sorted(kinds - {"full_attention", "sliding_attention"})
+    if other:
+        raise ExportError(f"layers of type {other} keep no K/V cache the stacked contract can hold", file=file, field="layer_types")
+
+
+def dims(config) -> LMDims:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return LMDims(n_layers=config.num_hidden_layers, n_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                  head_dim=head_dim, vocab_size=config.vocab_size)
+
+
+def max_positions(config) -> int:
+    """The longest T: the position table, and a sliding window (our mask is plain causal)."""
+    limit = getattr(config, "max_position_embeddings", None) or 1 << 20
+    window = getattr(config, "sliding_window", None)
+    uses_window = "sliding_attention" in (getattr(config, "layer_types", None) or []) or (
+        window and getattr(config, "use_sliding_window", True))
+    return min(limit, window) if uses_window and window else limit
+
+
+class _StackedKV:
+    """Handed to transformers' attention layers as their ``cache``.
+
+    ``update(k, v, layer_idx)`` records the layer's new K/V [1, n_kv, t, hd] and
+    returns what the layer attends over: the new K/V themselves (prefill), or the
+    caller's cache with the token written into slot ``here`` (decode).
+    """
+
+    def __init__(self, k_cache=None, v_cache=None, here=None, write: bool = False):
+        self.k_cache, self.v_cache, self.here, self.write = k_cache, v_cache, here, write
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.keys.append(key_states)
+        self.values.append(value_states)
+        if self.k_cache is None:
+            return key_states, value_states
+        return with_token(key_states, value_states, self.k_cache, self.v_cache, layer_idx, self.here, self.write)
+
+    def stacked(self):
+        return torch.stack(self.keys), torch.stack(self.values)
+
+
+class HFCausalLM(nn.Module):
+    """A transformers ``*ForCausalLM`` with the student's ``prefill``/``decode``."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        check_config(lm.config)
+        lm.config._attn_implementation = ATTENTION
+        self.lm = lm
+        self.dims = dims(lm.config)
+
+    def _dtype(self):
+        return self.lm.get_input_embeddings().weight.dtype
+
+    def _run(self, input_ids, position_ids, mask, cache: _StackedKV):
+        out = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache,
+                      use_cache=False, return_dict=True)
+        if len(cache.keys) != self.dims.n_layers:
+            raise ExportError(f"{type(self.lm).__name__} updated the K/V cache of {len(cache.keys)} of its "
+                              f"{self.dims.n_layers} layers: its attention does not fit the stacked K/V contract",
+                              field="architecture")
+        return (out.logits, *cache.stacked())
+
+    def prefill(self, input_ids, position_ids):
+        return self._run(input_ids, position_ids, prefill_mask(position_ids, self._dtype()), _StackedKV())
+
+    def decode(self, input_ids, position_ids, k_cache, v_cache, write_cache: bool = False):
+        here, mask = decode_slots(position_ids, k_cache.shape[3], self._dtype())
+        return self._run(input_ids, position_ids, mask, _StackedKV(k_cache, v_cache, here, write_cache))
+
+
+def build(config) -> HFCausalLM:
+    """A randomly initialised model of ``config`` (the caller seeds)."""
+    tf = _transformers()
+    config._attn_implementation = ATTENTION
+    return HFCausalLM(tf.AutoModelForCausalLM.from_config(config, trust_remote_code=False))
+
+
+def load_model(folder: Path) -> HFCausalLM:
+    """The folder's model with its weights: safetensors only, offline, no remote code, fp32, eval."""
+    tf = _transformers()
+    lm = tf.AutoModelForCausalLM.from_pretrained(
+        str(folder), local_files_only=True, trust_remote_code=False, use_safetensors=True,
+        attn_implementation=ATTENTION, dtype=torch.float32)
+    return HFCausalLM(lm).float().eval()
+
+
+def io(config, mode: str, T: int, dtype: str = "float32", kv_cache: str = "explicit"):
+    return decoder_lm.io(dims(config), mode, T, dtype, kv_cache)
+
+
+def example_inputs(config, mode: str, T: int, dtype: torch.dtype, generator: torch.Generator,
+                   kv_cache: str = "explicit"):
+    return decoder_lm.example_inputs(dims(config), mode, T, dtype, generator, kv_cache)
+
+
+wrap = decoder_lm.wrap
