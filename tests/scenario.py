@@ -124,8 +124,8 @@ class Project:
         return {n for n, s in self.last_build().items() if s == status}
 
     def artifact_digests(self) -> dict[str, str]:
+        """Digests of every built artifact (the files under artifacts/<model>/; not the run's reports)."""
         from export.digest import file_digest
 
         art = self.root / "artifacts"
-        return {str(p.relative_to(art)): file_digest(p) for p in sorted(art.rglob("*"))
-                if p.is_file() and p.name != "last_build.json"}
+        return {str(p.relative_to(art)): file_digest(p) for p in sorted(art.glob("*/**/*")) if p.is_file()}
