@@ -92,7 +92,7 @@ def test_a_corrupt_blob_is_dropped_and_rebuilt(project):
 def test_nightly_rebuilds_everything_and_proves_it_reproducible(project):
     r = project.doit("nightly")
     report = json.loads((project.root / "artifacts" / "nightly.json").read_text())
-    leaves = {n: t for n, t in report["tasks"].items()}
+    leaves = {n: t for n, t in report["tasks"].items() if "action_key" in t}  # the cached steps
     assert leaves and all(t["status"] == "built" for t in leaves.values())  # no cache hits
     assert all(t["reproducible"] is True for t in leaves.values())
     assert report["non_reproducible"] == []
