@@ -42,7 +42,7 @@ else:  # pragma: no cover
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 FORMATS = ("exported_program", "torchscript")
-TOP_KEYS = {"artifacts", "shape_sets", "models", "cache"}
+TOP_KEYS = {"artifacts", "shape_sets", "models", "cache", "memory_budget_mb"}
 CACHE_KEYS = {"local", "remote", "read_only"}
 MODEL_KEYS = {"name", "architecture", "checkpoint", "shape_set", "modes", "formats", "convert_from", "dtype", "coreml"}
 
@@ -83,6 +83,7 @@ class Config:
     shape_sets_file: Path
     models: tuple[ModelConfig, ...] = field(default_factory=tuple)
     cache: CacheConfig = CacheConfig()
+    memory_budget_mb: int | None = None  # what parallel steps may use together; default 3/4 of the machine
 
     def model(self, name: str) -> ModelConfig:
         return next(m for m in self.models if m.name == name)
@@ -144,7 +145,11 @@ def parse(table: object, *, root: Path, file: Path) -> Config:
         seen[m.name] = i
         models.append(m)
     cache = _cache(table.get("cache", {}), root=root, file=file)
-    return Config(root=root, artifacts=artifacts, shape_sets_file=sets_file, models=tuple(models), cache=cache)
+    budget = table.get("memory_budget_mb")
+    if budget is not None and (_expect(budget, int, file=file, field="tool.export.memory_budget_mb") <= 0):
+        raise ExportError(f"must be a positive number of MB, got {budget}", file=file, field="tool.export.memory_budget_mb")
+    return Config(root=root, artifacts=artifacts, shape_sets_file=sets_file, models=tuple(models), cache=cache,
+                  memory_budget_mb=budget)
 
 
 def _cache(raw, *, root: Path, file) -> CacheConfig:

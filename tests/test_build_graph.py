@@ -180,3 +180,17 @@ def test_a_killed_worker_fails_its_step_only(built, tmp_path):
     p.doit()
     assert failed <= p.ran()
     assert p.artifact_digests() == built.artifact_digests()
+
+
+def test_a_small_memory_budget_runs_the_leaves_one_at_a_time(built, tmp_path):
+    """With a budget smaller than any step needs, doit -n 2 still builds everything, one step at a time."""
+    p = Project.create(tmp_path / "budget")
+    r = p.doit("-n", "2", env={"MODEL_EXPORT_MEMORY_BUDGET_MB": "1"})
+    assert p.ran() == EVERYTHING
+    records = json.loads((p.root / "artifacts" / "last_build.json").read_text())["tasks"]
+    spans = sorted((rec["started"], rec["ended"]) for rec in records.values() if "started" in rec)
+    assert len(spans) == len(EVERYTHING)
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert start >= end, "two steps held memory at once"
+    assert "waiting for memory" in r.stderr
+    assert p.artifact_digests() == built.artifact_digests()
