@@ -30,13 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, write_result  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
-from scenario import Project  # noqa: E402
+from scenario import Project, project_toml  # noqa: E402
 
 PYPROJECT = """\
-[project]
-name = "build-bench"
-version = "0"
-
 [tool.export]
 artifacts = "artifacts"
 shape_sets = "shape_sets.json"
@@ -146,7 +142,7 @@ def main(argv=None) -> None:
                     digests[name] = package_digests(run_dir / "coreml")
                 else:
                     p = Project.create(run_dir)
-                    (p.root / "pyproject.toml").write_text(PYPROJECT)
+                    (p.root / "pyproject.toml").write_text(project_toml(PYPROJECT))
                     p.set_shape_sets({"bench": {"prefill": Ts, "decode": Ts}})
                     shutil.copy(ck, p.root / "checkpoints" / "student.pt")
                     extra = ["-n", "2"] if name.endswith("2") else []

@@ -23,13 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, median_of, timed, write_result  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
-from scenario import Project  # noqa: E402
+from scenario import Project, project_toml  # noqa: E402
 
 ONE_LEAF = """\
-[project]
-name = "noop-bench"
-version = "0"
-
 [tool.export]
 artifacts = "artifacts"
 shape_sets = "shape_sets.json"
@@ -63,7 +59,7 @@ def checkpoint_of_size(path: Path, target_bytes: int) -> int:
 
 def one_leaf_project(root: Path, size: int) -> tuple[Project, int]:
     p = Project.create(root)
-    (root / "pyproject.toml").write_text(ONE_LEAF)
+    (root / "pyproject.toml").write_text(project_toml(ONE_LEAF))
     p.set_shape_sets({"one": {"prefill": [16]}})
     actual = checkpoint_of_size(root / "checkpoints" / "student.pt", size)
     p.doit()

@@ -8,6 +8,7 @@ Every build runs ``python -m doit`` in a subprocess, exactly as a user would.
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -23,19 +24,7 @@ SHAPE_SETS = {
 }
 STUDENT = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_positions=64)
 
-PYPROJECT = """\
-[project]
-name = "scenario"
-version = "0"
-
-[tool.doit.plugins.command]
-nightly = "export.commands:Nightly"
-cache = "export.commands:CacheCmd"
-plan = "export.commands:Plan"
-why = "export.commands:Why"
-graph = "export.commands:Graph"
-report = "export.commands:Report"
-
+EXPORT_TOML = """\
 [tool.export]
 artifacts = "artifacts"
 shape_sets = "shape_sets.json"
@@ -53,6 +42,13 @@ architecture = "judge"
 checkpoint = "demo"
 shape_set = "tiny_judge"
 """
+
+
+def project_toml(export_toml: str, name: str = "scenario") -> str:
+    """A project's pyproject.toml: the repo's own doit commands, and ``export_toml`` as its pipeline."""
+    repo = (REPO / "pyproject.toml").read_text()
+    commands = re.search(r"^\[tool\.doit\.plugins\.command\]\n(?:[^\[\n].*\n|\n)*", repo, re.M).group(0)
+    return f'[project]\nname = "{name}"\nversion = "0"\n\n{commands}\n{export_toml}'
 
 
 def write_student_checkpoint(path: Path, seed: int = 0) -> None:
@@ -90,7 +86,7 @@ class Project:
         return Project(dest)
 
     def set_pyproject(self, **fields) -> None:
-        (self.root / "pyproject.toml").write_text(PYPROJECT.format(**fields))
+        (self.root / "pyproject.toml").write_text(project_toml(EXPORT_TOML.format(**fields)))
 
     def set_shape_sets(self, sets: dict) -> None:
         (self.root / "shape_sets.json").write_text(json.dumps(sets, indent=2))
