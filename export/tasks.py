@@ -209,7 +209,8 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
     if not nightly:
         restored = cache.get(akey, S.config.root, rels)
         if restored is not None:
-            return {"outputs": restored, "restored": True, "action_key": akey}
+            return {"outputs": restored, "restored": True, "action_key": akey,
+                    "sizes": {rel: _size(p) for rel, p in zip(rels, outputs)}}
     log = S.config.root / STATE_DIR / "logs" / f"{task_name.replace(':', '__')}.log"
     need = need_mb(step, kwargs, inputs)
     try:
