@@ -216,12 +216,22 @@ class Graph(_Planning):
         verdicts = self.plan(pos_args or self.sel_tasks)
         nodes = {v.task: v.verdict for v in verdicts}
         tasks = {t.name: t for t in self.task_list}
-        edges = [(d, n) for n in nodes for d in tasks[n].task_dep if d in nodes]
+
+        def prerequisites(name, seen=()):  # through groups (export_pytorch:T16...) to the tasks they stand for
+            for d in tasks[name].task_dep:
+                if d in nodes:
+                    yield d
+                elif d in tasks and d not in seen:
+                    yield from prerequisites(d, seen + (d,))
+
+        edges = graph.reduce(sorted({(d, n) for n in nodes for d in prerequisites(n)}))
         titles = {v.task: "\n".join([f"{v.task}: {v.summary()}", *(f"- {r['text']}" for r in v.reasons)]) for v in verdicts}
         folder = Path(out) if out else S.config.artifacts
         dot, svg = folder / "graph.dot", folder / "graph.svg"
         atomic.write_text(dot, graph.to_dot(nodes, edges, titles))
-        atomic.write_text(svg, graph.to_svg(nodes, edges, titles))
+        from .plan import render
+
+        atomic.write_text(svg, graph.to_svg(nodes, edges, titles, caption=render(verdicts).splitlines()[-1]))
         self.outstream.write(f"graph: {len(nodes)} tasks, {len(edges)} edges -> {dot}, {svg}\n")
         return 0
 

@@ -27,7 +27,8 @@ NODE_W, NODE_H, GAP_X, GAP_Y, MARGIN, BAND_PAD, HEAD = 150, 34, 56, 10, 16, 12, 
 
 
 def _model(task: str) -> str:
-    return task.split(":", 1)[-1].split(".")[0]
+    """The band of a task: its model (``step:model.mode.T``), or "project" for a task of no model."""
+    return task.split(":", 1)[1].split(".")[0] if ":" in task else "project"
 
 
 def _leaf_label(task: str) -> str:
@@ -41,20 +42,65 @@ def _natural(s: str):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
 
 
-def layout(nodes: dict[str, str], edges: list[tuple[str, str]]) -> dict:
-    """Positions: {task: (x, y)}, bands [(model, y, height)], columns [(x, step)], width, height."""
-    preds: dict[str, list[str]] = {n: [] for n in nodes}
+def _depths(names: list[str], edges: set[tuple[str, str]]) -> dict[str, int] | None:
+    """Longest path from a source to each name; None if there is a cycle."""
+    preds = {n: [a for a, b in edges if b == n and a != n] for n in names}
+    if any(a == b for a, b in edges):
+        return None
+    depth: dict[str, int] = {}
+    visiting: set[str] = set()
+
+    def visit(n):
+        if n in depth:
+            return depth[n]
+        if n in visiting:
+            raise ValueError("cycle")
+        visiting.add(n)
+        depth[n] = 1 + max((visit(p) for p in preds[n]), default=-1)
+        visiting.discard(n)
+        return depth[n]
+
+    try:
+        for n in names:
+            visit(n)
+    except ValueError:
+        return None
+    return depth
+
+
+def reduce(edges: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Leave out each edge that a longer path implies (export -> bundle, when export -> convert ->
+    bundle): the picture shows the pipeline, not every file dependency."""
+    succ: dict[str, set[str]] = {}
     for a, b in edges:
-        preds[b].append(a)
-    layer: dict[str, int] = {}
+        succ.setdefault(a, set()).add(b)
 
-    def depth(n, seen=()):
-        if n not in layer:
-            layer[n] = 1 + max((depth(p, seen + (n,)) for p in preds[n] if p not in seen), default=-1)
-        return layer[n]
+    def reachable(a, b) -> bool:  # b from a in two steps or more
+        todo, seen = [c for c in succ.get(a, ()) if c != b], set()
+        while todo:
+            n = todo.pop()
+            if n == b:
+                return True
+            if n not in seen:
+                seen.add(n)
+                todo.extend(succ.get(n, ()))
+        return False
 
-    for n in nodes:
-        depth(n)
+    return [(a, b) for a, b in edges if not reachable(a, b)]
+
+
+def layout(nodes: dict[str, str], edges: list[tuple[str, str]]) -> dict:
+    """Positions: {task: (x, y)}, bands [(model, y, height)], columns [(x, step)], width, height.
+
+    A task's column is its step's depth in the graph of steps (checkpoint -> export -> convert ->
+    bundle), so every model's tasks of one step share a column even where a model has no task of
+    an earlier step; if the steps do not form a DAG, each task's own depth is used instead."""
+    step_of = {n: n.split(":", 1)[0] for n in nodes}
+    layer = _depths(list(dict.fromkeys(step_of.values())), {(step_of[a], step_of[b]) for a, b in edges})
+    if layer is not None:
+        layer = {n: layer[step_of[n]] for n in nodes}
+    else:
+        layer = _depths(list(nodes), set(edges))
     models = list(dict.fromkeys(_model(n) for n in nodes))
     ncols = 1 + max(layer.values(), default=0)
     pos, bands, y = {}, [], HEAD

@@ -47,13 +47,13 @@ class Verdict:
     outputs: dict[str, str] | None = None             # predicted output digests (up-to-date, restore)
 
     def summary(self) -> str:
-        after = ", ".join(self.after[:3]) + (f" and {len(self.after) - 3} more" if len(self.after) > 3 else "")
+        after = _some(self.after)
         return {
             "up-to-date": "up to date",
             "restore": "will be restored from the cache",
-            "build": "will run (not in the cache)",
-            "run": f"will run (after {after}; restored if the cache then has it)",
-            "may-run": f"may run (after {after}: only if it yields different bytes)",
+            "build": "will build (not in the cache)",
+            "run": f"will run after {after} (built or restored: its bytes decide)",
+            "may-run": f"may run after {after} (only if that yields different bytes)",
             "error": "cannot run",
         }[self.verdict]
 
@@ -101,6 +101,11 @@ def _short(v) -> str:
     if isinstance(v, str) and len(v) == 32 and all(c in "0123456789abcdef" for c in v):
         return v[:8]
     return json.dumps(v)
+
+
+def _some(names, n: int = 3) -> str:
+    names = sorted(names)
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def key_reasons(old: dict, new: dict, old_code: dict | None, new_code: dict | None) -> list[dict]:
@@ -271,10 +276,10 @@ class Planner:
 
         if own or waits:
             if waits:
-                return Verdict(name, "run", own + [{"kind": "after", "text": f"its inputs come from {', '.join(sorted(waits))}, which will build"}],
+                return Verdict(name, "run", own + [{"kind": "after", "text": f"its inputs come from {_some(waits)}, which will build first"}],
                                after=sorted(waits | unsure))
             if unsure:
-                return Verdict(name, "run", own + [{"kind": "after", "text": f"its cache key depends on what {', '.join(sorted(unsure))} will build"}],
+                return Verdict(name, "run", own + [{"kind": "after", "text": f"its cache key depends on what {_some(unsure)} will build"}],
                                after=sorted(unsure))
             args = _step_args(task)
             if args is None:
@@ -287,7 +292,7 @@ class Planner:
                                action_key=akey, outputs=hit)
             return Verdict(name, "build", own + [{"kind": "cache", "text": f"the cache has no action {akey[:8]}"}], action_key=akey)
         if unsure:
-            return Verdict(name, "may-run", [{"kind": "after", "text": f"early cutoff: it stays up to date if {', '.join(sorted(unsure))} rebuilds the same bytes"}],
+            return Verdict(name, "may-run", [{"kind": "after", "text": f"early cutoff: it stays up to date if {_some(unsure)} {'rebuild' if len(unsure) > 1 else 'rebuilds'} the same bytes"}],
                            after=sorted(unsure))
         verdict = self._doit_verdict(task, values)  # doit sees something not named above: say what
         if verdict.verdict != "up-to-date":
@@ -350,7 +355,8 @@ def run_plan(task_list, dep_manager, selection) -> list[Verdict]:
 
 
 class ReadOnlyStatCache(StatCache):
-    """The stat cache, read but never written (a file it does not know is hashed, not remembered)."""
+    """The stat cache, read but never written (a file it does not know is hashed, not remembered).
+    Opened read-only; as any reader of a WAL database, SQLite still maps its ``-shm`` index."""
 
     def _db(self):
         if self._conn is None:
