@@ -30,7 +30,6 @@ import torch
 
 from . import contract as contract_mod
 from .atomic import atomic_path
-from . import coreml_torch_ops  # noqa: F401  (our op converters, registered before converting)
 from .coreml_checks import check_finite, check_on_device, check_supported
 from .coreml_options import CHOICES, STATEFUL_TARGETS, CoreMLOptions
 from .coreml_spec import check_spec
@@ -102,6 +101,8 @@ def _check_options(c: dict, options: CoreMLOptions, contract_path: Path) -> None
 
 def _ct_convert(program, c: dict, options: CoreMLOptions):
     import coremltools as ct
+
+    from . import coreml_torch_ops  # noqa: F401  (our op converters; imported here to keep coremltools lazy)
 
     def tensor(t, named=True):
         return ct.TensorType(name=t["name"] if named else None, shape=tuple(t["shape"]), dtype=NP_DTYPES[t["dtype"]])
