@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -132,6 +133,9 @@ def setup(dodo_file: str, argv: list[str]) -> dict:
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    _check_checkpoints_exist()
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted)
     state = root / STATE_DIR
     state.mkdir(exist_ok=True)
     S.stat = StatCache(state / "stat-cache.sqlite")
@@ -145,6 +149,24 @@ def setup(dodo_file: str, argv: list[str]) -> dict:
         "default_tasks": ["checkpoint", "export_pytorch", "convert_coreml", "bundle_coreml", "prune_artifacts"],
         "verbosity": 1,
     }
+
+
+def _interrupted(signum, frame):
+    """Ctrl-C: one line instead of doit's traceback. Outputs appear atomically, so what finished is kept."""
+    print("interrupted: the build stopped; finished steps are kept, run doit again to go on", file=sys.stderr, flush=True)
+    raise SystemExit(130)
+
+
+def _check_checkpoints_exist() -> None:
+    """A checkpoint file that is not there is a config error (doit would only say "Dependent file ... does not exist")."""
+    for i, m in enumerate(S.config.models):
+        if m.is_demo:
+            continue
+        for f in checkpoint_files.input_files(S.config.root / m.checkpoint):
+            if not f.exists():
+                print(f"error: {f}: tool.export.models[{i}].checkpoint: no such checkpoint file (model {m.name!r})",
+                      file=sys.stderr)
+                sys.exit(2)
 
 
 # --- actions and up-to-date checks -----------------------------------------
@@ -350,8 +372,9 @@ def task_export_pytorch():
         for mode, T in m.leaves():
             files, contract = export_paths(m, mode, T)
             kwargs = {"checkpoint": str(ck), "out_dir": str(contract.parent), "model": m.name, "mode": mode, "T": T,
-                      "formats": list(m.formats), "dtype": m.dtype, "kv_cache": _kv(m, mode)}
-            key = {k: v for k, v in kwargs.items() if k not in ("checkpoint", "out_dir")}
+                      "formats": list(m.formats), "dtype": m.dtype, "kv_cache": _kv(m, mode),
+                      "architecture": m.architecture}  # checked against the checkpoint's: not a key of the bytes
+            key = {k: v for k, v in kwargs.items() if k not in ("checkpoint", "out_dir", "architecture")}
             outs = [*files.values(), contract]
             by_T.setdefault(T, []).append(leaf(m, mode, T))
             yield _task("export_pytorch", leaf(m, mode, T), f"{m.name} {mode} T={T}: {', '.join(m.formats)} + contract",
