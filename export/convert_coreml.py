@@ -23,6 +23,7 @@ import logging
 import shutil
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,17 @@ METADATA_PREFIX = "model_export."
 __all__ = ["convert", "load_program", "package_digest", "CoreMLOptions"]
 
 
+@contextmanager
+def _quiet(logger: str):
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def load_program(path: Path | str):
     """``(format, program)``: a TorchScript module or an ExportedProgram in the inference dialect."""
     path = Path(path)
@@ -57,7 +69,7 @@ def load_program(path: Path | str):
     try:
         if fmt == "torchscript":
             return fmt, torch.jit.load(str(path), map_location="cpu").eval()
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet("torch.export"):  # torch logs a damaged archive's traceback
             warnings.simplefilter("ignore")
             ep = torch.export.load(str(path))
         return fmt, ep.run_decompositions({})  # torch.export gives the training dialect
