@@ -153,4 +153,8 @@ def main(req_fd: int, rep_fd: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]))
+    # Run the importable module's main: a StepFailed raised here must pickle as export.worker.StepFailed,
+    # which the planner can unpickle (it has no __main__.StepFailed).
+    from export.worker import main as _main
+
+    _main(int(sys.argv[1]), int(sys.argv[2]))
