@@ -428,11 +428,19 @@ def _expected_outputs() -> set[Path]:
     return out
 
 
+# Temporaries of atomic writes (export.atomic: .tmp) and of cache restores (export.cache: .restore, .old).
+# A full build runs prune_artifacts after every step it runs, under the project lock: none is being written.
+LEFTOVER_SUFFIXES = (".tmp", ".restore", ".old")
+
+
 def stale_outputs() -> list[Path]:
-    """Artifacts of leaves no longer in the config (a T removed, a format dropped, a model renamed)."""
+    """Artifacts of leaves no longer in the config (a T removed, a format dropped, a model renamed), and
+    temporaries a killed build left."""
     expected = _expected_outputs()
     stale = []
     for model in sorted(S.config.artifacts.glob("*/")):
+        for d in (model, model / "exported", model / "coreml"):  # what a killed build left half-written
+            stale += [p for p in sorted(d.glob(".*")) if p.name.endswith(LEFTOVER_SUFFIXES)]
         for sub in ("exported", "coreml"):
             for p in sorted((model / sub).glob("*")):
                 if p not in expected and not p.name.startswith("."):  # dot-names: a step's temporaries
