@@ -44,7 +44,8 @@ FILE_TRIGGERS = {
     "export-writing": "artifacts/student/exported/.prefill_T16.*",
     "conversion-log": ".export/logs/convert_coreml__student.prefill.T16.log",
     "conversion-writing": "artifacts/student/coreml/.prefill_T16.mlpackage.*",
-    "package-manifest-writing": "artifacts/student/coreml/.prefill_T16.mlpackage.manifest.json.*",
+    # the package is renamed into place, then its manifest (the downstream dependency) is digested and written
+    "package-manifest-writing": "artifacts/student/coreml/prefill_T16.mlpackage",
     "cache-first-blob": ".cache/cas/*/*",
     "cache-first-entry": ".cache/ac/*/*",
     "bundle-log": ".export/logs/bundle_coreml__student.log",
