@@ -276,7 +276,20 @@ def _id(case) -> str:
     return (case.values[0] if hasattr(case, "values") else case)[0]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+# Variations of cases kept in the quick run: they run with -m slow (their own CI step), to bound CI time.
+SLOW = {"ck-missing-weight", "ck-future-version", "ck-not-our-format", "ck-safetensors-lying-shape",
+        "ck-unknown-architecture", "contract-digest-mismatch", "contract-shape-mismatch", "contract-bad-dtype",
+        "contract-missing-field", "cache-manifest-digest-lies", "cache-manifest-not-json",
+        "cache-manifest-path-escape-in-package"}
+
+
+def _params(cases):
+    return [pytest.param(c, marks=pytest.mark.slow, id=_id(c)) if _id(c) in SLOW
+            else pytest.param(*c.values, marks=c.marks, id=_id(c)) if hasattr(c, "values")
+            else pytest.param(c, id=_id(c)) for c in cases]
+
+
+@pytest.mark.parametrize("case", _params(CASES))
 def test_bad_input(built, tmp_path, case):
     name, brk, file_part, field_part = case
     p = built.copy(tmp_path / "project")
@@ -377,7 +390,7 @@ CACHE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CACHE_CASES, ids=[c[0] for c in CACHE_CASES])
+@pytest.mark.parametrize("case", _params(CACHE_CASES))
 def test_damaged_cache_entry_is_dropped_and_rebuilt(built, tmp_path, case):
     name, brk = case
     p = built.copy(tmp_path / "project")
