@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jsonschema
-
 from . import atomic
 from .errors import ExportError
 
@@ -112,6 +110,8 @@ def validate(data: object, *, file: object, aggregate: bool = False) -> dict:
         if isinstance(v, int) and not isinstance(v, bool) and v > SCHEMA_VERSION:
             raise ExportError(f"schema version {v} is newer than this tool reads ({SCHEMA_VERSION}); upgrade model-export", file=file, field="schema_version")
     schema = AGGREGATE_SCHEMA if aggregate else CONTRACT_SCHEMA
+    import jsonschema  # here, not at the top: the task graph imports this module and never validates
+
     err = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(data))
     if err is not None:
         raise ExportError(err.message[:300], file=file, field=_field(err.absolute_path))

@@ -1,19 +1,18 @@
 """One build at a time per project: a second ``doit`` waits and says for whom."""
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
 import time
 from pathlib import Path
-
-from filelock import FileLock, Timeout
 
 # doit commands that only read: they take no lock.
 # plan, why, graph and report change no build state (graph and report write only their own files, atomically).
 READ_ONLY = {"list", "info", "help", "dumpdb", "tabcompletion", "strace", "plan", "why", "graph", "report"}
 DOIT_COMMANDS = READ_ONLY | {"run", "clean", "forget", "ignore", "reset-dep", "auto", "nightly", "cache"}
 
-_held: FileLock | None = None
+_held: int | None = None  # the locked file's descriptor, held until the process exits
 
 
 def command_of(argv: list[str]) -> str:
@@ -30,15 +29,15 @@ def acquire(lock_path: Path, argv: list[str]) -> None:
         return
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     info = lock_path.with_suffix(".owner")
-    lock = FileLock(str(lock_path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # flock: released by the kernel when the process dies, however it dies
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         owner = info.read_text().strip() if info.exists() else "unknown"
         if os.environ.get("MODEL_EXPORT_LOCK_WAIT", "1") == "0":
             print(f"error: another doit is building this project ({owner}); not waiting (MODEL_EXPORT_LOCK_WAIT=0)", file=sys.stderr)
             sys.exit(3)
         print(f"waiting for another doit building this project ({owner}) to finish...", file=sys.stderr, flush=True)
-        lock.acquire()
+        fcntl.flock(fd, fcntl.LOCK_EX)
     info.write_text(f"pid {os.getpid()}, started {time.strftime('%H:%M:%S')}\n")
-    _held = lock
+    _held = fd
