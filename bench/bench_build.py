@@ -29,19 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, write_result  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
-from scenario import Project, project_toml  # noqa: E402
+from scenario import Project, project_toml, student_toml  # noqa: E402
 
-PYPROJECT = """\
-[tool.export]
-artifacts = "artifacts"
-shape_sets = "shape_sets.json"
-
-[[tool.export.models]]
-name = "student"
-architecture = "student"
-checkpoint = "checkpoints/student.pt"
-shape_set = "bench"
-"""
+PYPROJECT = student_toml("bench")
 REFERENCE = dict(vocab_size=32000, d_model=512, n_layers=6, n_heads=8, n_kv_heads=2, ffn_hidden=1408, max_positions=4096)
 QUICK = dict(vocab_size=1024, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=256, max_positions=4096)
 

@@ -23,20 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, median_of, timed, write_result  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
-from scenario import Project, project_toml  # noqa: E402
+from scenario import Project, project_toml, student_toml  # noqa: E402
 
-ONE_LEAF = """\
-[tool.export]
-artifacts = "artifacts"
-shape_sets = "shape_sets.json"
-
-[[tool.export.models]]
-name = "student"
-architecture = "student"
-checkpoint = "checkpoints/student.pt"
-shape_set = "one"
-modes = ["prefill"]
-"""
+ONE_LEAF = student_toml("one", modes=("prefill",))
 
 
 def checkpoint_of_size(path: Path, target_bytes: int) -> int:

@@ -9,20 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scenario import Project, project_toml, write_student_checkpoint
+from scenario import Project, project_toml, student_toml, write_student_checkpoint
 
 # One student, one T per mode: five steps (2 exports, 2 conversions, 1 bundle), about 30 s cold.
-TINY_TOML = """\
-[tool.export]
-artifacts = "artifacts"
-shape_sets = "shape_sets.json"
-
-[[tool.export.models]]
-name = "student"
-architecture = "student"
-checkpoint = "checkpoints/student.pt"
-shape_set = "tiny"
-"""
+TINY_TOML = student_toml("tiny")
 TINY_SETS = {"tiny": {"prefill": [16], "decode": [16]}}
 STEPS = {"export_pytorch:student.prefill.T16", "export_pytorch:student.decode.T16",
          "convert_coreml:student.prefill.T16", "convert_coreml:student.decode.T16", "bundle_coreml:student"}

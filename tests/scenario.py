@@ -44,6 +44,16 @@ shape_set = "tiny_judge"
 """
 
 
+def student_toml(shape_set: str, modes: tuple[str, ...] | None = None) -> str:
+    """The [tool.export] of a project with one student, its checkpoint at checkpoints/student.pt."""
+    lines = ['[tool.export]', 'artifacts = "artifacts"', 'shape_sets = "shape_sets.json"', '',
+             '[[tool.export.models]]', 'name = "student"', 'architecture = "student"',
+             'checkpoint = "checkpoints/student.pt"', f'shape_set = "{shape_set}"']
+    if modes:
+        lines.append("modes = [" + ", ".join(f'"{m}"' for m in modes) + "]")
+    return "\n".join(lines) + "\n"
+
+
 def project_toml(export_toml: str, name: str = "scenario") -> str:
     """A project's pyproject.toml: the repo's own doit commands, and ``export_toml`` as its pipeline."""
     repo = (REPO / "pyproject.toml").read_text()
