@@ -556,6 +556,17 @@ class Cache:
         except Exception as e:
             self.log(f"warning: remote cache not writable: {_why(e)}; published locally only")
 
+    def remote_has(self, key: str) -> bool:
+        """Whether the remote store holds entry ``key`` (False without a reachable remote)."""
+        remote = self._remote_store()
+        if remote is None:
+            return False
+        try:
+            return remote.read_manifest(key) is not None
+        except Exception as e:
+            self.log(f"warning: remote cache unavailable: {_why(e)}")
+            return False
+
     def _remote_store(self) -> _Remote | None:
         if not self.remote_url or self._remote_disabled:
             return None

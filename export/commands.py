@@ -27,7 +27,54 @@ def _last_build(artifacts: Path) -> dict:
         return {}
 
 
-class Nightly(Run):
+class RunCmd(Run):
+    """doit's ``run`` (plain ``doit``), plus ``--dask ADDRESS``: run the steps on a Dask cluster."""
+
+    name = "run"
+    cmd_options = Run.cmd_options + (
+        {"name": "dask", "long": "dask", "type": str, "default": None,
+         "help": "run the steps on the Dask scheduler at ADDRESS (tcp://host:8786); '' for none "
+                 "[default: $MODEL_EXPORT_DASK_SCHEDULER, else [tool.export.dask] scheduler]"},
+    )
+
+    def _execute(self, outfile, verbosity=None, always=False, continue_=False, reporter="console", num_process=0,
+                 par_type="process", single=False, auto_delayed_regex=False, force_verbosity=False,
+                 failure_verbosity=0, pdb=False, dask=None):
+        num_process, par_type = self._on_cluster(dask, num_process, par_type)
+        if num_process is None:
+            return 2
+        return super()._execute(outfile, verbosity=verbosity, always=always, continue_=continue_, reporter=reporter,
+                                num_process=num_process, par_type=par_type, single=single,
+                                auto_delayed_regex=auto_delayed_regex, force_verbosity=force_verbosity,
+                                failure_verbosity=failure_verbosity, pdb=pdb)
+
+    @staticmethod
+    def _on_cluster(dask, num_process, par_type):
+        """With a scheduler: check it answers, and run enough doit lanes (processes) to keep steps in
+        flight (``[tool.export.dask] lanes``, default 8; ``-n`` overrides). (None, _) on error."""
+        from .cluster import ENV, reachable, scheduler_address
+        from .tasks import S
+
+        if dask is not None:
+            os.environ[ENV] = dask
+        address = scheduler_address(S.config.dask.scheduler)
+        if not address:
+            return num_process, par_type
+        why = reachable(address)
+        if why:
+            print(f"error: {S.config.root / 'pyproject.toml'}: tool.export.dask.scheduler: cannot reach the Dask "
+                  f"scheduler at {address}: {why}", file=sys.stderr)
+            return None, par_type
+        os.environ[ENV] = address  # the lanes read it
+        lanes = num_process or S.config.dask.lanes or DASK_LANES
+        print(f"dask: steps run on the cluster at {address} ({lanes} lanes)", file=sys.stderr, flush=True)
+        return lanes, "process"
+
+
+DASK_LANES = 8
+
+
+class Nightly(RunCmd):
     name = "nightly"
     doc_purpose = "rebuild every artifact from scratch, prove the bytes equal the cached ones, publish them"
     doc_usage = "[TASK ...]"
@@ -37,7 +84,7 @@ class Nightly(Run):
 
     def _execute(self, outfile, verbosity=None, always=False, continue_=False, reporter="console", num_process=0,
                  par_type="process", single=False, auto_delayed_regex=False, force_verbosity=False,
-                 failure_verbosity=0, pdb=False):
+                 failure_verbosity=0, pdb=False, dask=None):
         from .tasks import S
 
         os.environ["MODEL_EXPORT_NIGHTLY"] = "1"
@@ -45,7 +92,7 @@ class Nightly(Run):
         rc = super()._execute(outfile, verbosity=verbosity, always=True, continue_=continue_, reporter=reporter,
                               num_process=num_process, par_type=par_type, single=single,
                               auto_delayed_regex=auto_delayed_regex, force_verbosity=force_verbosity,
-                              failure_verbosity=failure_verbosity, pdb=pdb)
+                              failure_verbosity=failure_verbosity, pdb=pdb, dask=dask)
         tasks = _last_build(S.config.artifacts)
         report = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
                   "seconds": round(time.time() - started, 1), "tasks": tasks}

@@ -20,6 +20,10 @@ coreml = { compute_precision = "fp16" }   # Core ML options, see export.coreml_o
 local = "~/.cache/model-export"    # shared by checkouts; $MODEL_EXPORT_CACHE
 remote = "s3://bucket/prefix"      # or a directory; $MODEL_EXPORT_REMOTE_CACHE
 read_only = false                  # $MODEL_EXPORT_CACHE_READ_ONLY=1
+
+[tool.export.dask]                 # optional: run the steps on a Dask cluster (needs cache.remote)
+scheduler = "tcp://host:8786"      # $MODEL_EXPORT_DASK_SCHEDULER, doit --dask ADDRESS; "" = off
+lanes = 8                          # steps in flight at once (default: the cluster's worker threads)
 ```
 Every error names the file and the field. Imports no torch.
 """
@@ -42,8 +46,9 @@ else:  # pragma: no cover
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 FORMATS = ("exported_program", "torchscript")
-TOP_KEYS = {"artifacts", "shape_sets", "models", "cache", "memory_budget_mb"}
+TOP_KEYS = {"artifacts", "shape_sets", "models", "cache", "memory_budget_mb", "dask"}
 CACHE_KEYS = {"local", "remote", "read_only"}
+DASK_KEYS = {"scheduler", "lanes"}
 MODEL_KEYS = {"name", "architecture", "checkpoint", "shape_set", "modes", "formats", "convert_from", "dtype", "coreml"}
 
 
@@ -77,6 +82,12 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class DaskConfig:
+    scheduler: str | None = None  # a Dask scheduler's address; None: steps run on this machine
+    lanes: int | None = None      # steps in flight at once; default: the cluster's worker threads
+
+
+@dataclass(frozen=True)
 class Config:
     root: Path
     artifacts: Path
@@ -84,6 +95,7 @@ class Config:
     models: tuple[ModelConfig, ...] = field(default_factory=tuple)
     cache: CacheConfig = CacheConfig()
     memory_budget_mb: int | None = None  # what parallel steps may use together; default 3/4 of the machine
+    dask: DaskConfig = DaskConfig()
 
     def model(self, name: str) -> ModelConfig:
         return next(m for m in self.models if m.name == name)
@@ -149,7 +161,20 @@ def parse(table: object, *, root: Path, file: Path) -> Config:
     if budget is not None and (_expect(budget, int, file=file, field="tool.export.memory_budget_mb") <= 0):
         raise ExportError(f"must be a positive number of MB, got {budget}", file=file, field="tool.export.memory_budget_mb")
     return Config(root=root, artifacts=artifacts, shape_sets_file=sets_file, models=tuple(models), cache=cache,
-                  memory_budget_mb=budget)
+                  memory_budget_mb=budget, dask=_dask(table.get("dask", {}), file=file))
+
+
+def _dask(raw, *, file) -> DaskConfig:
+    at = "tool.export.dask"
+    _expect(raw, dict, file=file, field=at, what="a table")
+    unknown = sorted(set(raw) - DASK_KEYS)
+    if unknown:
+        raise ExportError(f"unknown key(s) {unknown}; known: {sorted(DASK_KEYS)}", file=file, field=f"{at}.{unknown[0]}")
+    scheduler = _expect(raw.get("scheduler", ""), str, file=file, field=f"{at}.scheduler") or None
+    lanes = raw.get("lanes")
+    if lanes is not None and _expect(lanes, int, file=file, field=f"{at}.lanes") <= 0:
+        raise ExportError(f"must be a positive number, got {lanes}", file=file, field=f"{at}.lanes")
+    return DaskConfig(scheduler=scheduler, lanes=lanes)
 
 
 def _cache(raw, *, root: Path, file) -> CacheConfig:

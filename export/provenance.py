@@ -23,9 +23,14 @@ def portable_source(stack_trace: str | None) -> str | None:
     return f'File "{_relative(path)}", line {line}, in {func}\n    {code.strip()}'
 
 
+# This package's own import root first: an editable install puts no entry for it on sys.path.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
+
+
 def _relative(path: str) -> str:
     resolved = str(Path(path).resolve())
-    for root in sorted((str(Path(p).resolve()) for p in sys.path if p), key=len, reverse=True):
+    roots = sorted((str(Path(p).resolve()) for p in sys.path if p), key=len, reverse=True)
+    for root in [_PACKAGE_ROOT, *roots] if resolved.startswith(_PACKAGE_ROOT + "/export/") else roots:
         if resolved.startswith(root + "/"):
             return resolved[len(root) + 1:]
     return Path(path).name

@@ -213,7 +213,8 @@ def action_key_of(key: dict, digests: dict[str, str]) -> str:
     return bytes_digest(json.dumps({"key": key, "inputs": digests}, sort_keys=True).encode())
 
 
-def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: dict, inputs: list[str]):
+def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: dict, inputs: list[str],
+             arch: str | None = None):
     """The action of every heavy task: restore its outputs from the cache, or run the step in the
     worker and publish them. Returns the outputs' digests (what ``outputs_intact`` checks).
 
@@ -235,6 +236,9 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
                     "sizes": {rel: _size(p) for rel, p in zip(rels, outputs)}}
     log = S.config.root / STATE_DIR / "logs" / f"{task_name.replace(':', '__')}.log"
     need = need_mb(step, kwargs, inputs)
+    address = dask_address()
+    if address:
+        return _run_on_cluster(address, step, kwargs, outputs, task_name, key, inputs, akey, need, log, nightly, arch)
     try:
         with _ledger().reserve(task_name, need):
             started, wall = time.monotonic(), time.time()
@@ -258,6 +262,58 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
         values["reproducible"] = None if cached is None else cached == digests
     if not nightly or values["reproducible"] is not False:  # never publish bytes that contradict the cache
         cache.put(akey, S.config.root, rels, {"task": task_name, "seconds": seconds, "toolchain": key["tools"]})
+    return values
+
+
+def dask_address() -> str | None:
+    from .cluster import scheduler_address
+
+    return scheduler_address(S.config.dask.scheduler)
+
+
+def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], task_name: str, key: dict,
+                    inputs: list[str], akey: str, need: int, log: Path, nightly: bool, arch: str | None):
+    """``run_step`` on a Dask cluster (export.cluster): publish the inputs to the shared cache, run the
+    step on a worker holding ``need`` MB, restore its outputs from the shared cache."""
+    from . import cluster
+
+    root, cache, pyproject = S.config.root, _cache(), S.config.root / "pyproject.toml"
+    rels = [_rel(p) for p in outputs]
+    if not cache.remote_url or cache.read_only:
+        return TaskFailed(f"error: {pyproject}: tool.export.cache.remote: steps on the Dask cluster at {address} "
+                          "need a shared cache that the workers reach and the build may write (a directory they "
+                          "all mount, or s3://...)")
+    input_rels = [*inputs, *(_rel(Path(p)) for p in kwargs.get("packages", ()))]
+    digests = {rel: _stat().any(root / rel) for rel in input_rels}
+    inputs_key = "in-" + bytes_digest(json.dumps(digests, sort_keys=True).encode())
+    if not cache.remote_has(inputs_key):
+        cache.put(inputs_key, root, input_rels, {"task": f"inputs of {task_name}"})
+        if not cache.remote_has(inputs_key):
+            return TaskFailed(f"error: {pyproject}: tool.export.cache.remote: {task_name}: could not publish its "
+                              f"inputs to the shared cache {cache.remote_url}")
+    try:
+        request = {"step": step, "kwargs": cluster.to_request_paths(kwargs, root), "inputs_key": inputs_key,
+                   "inputs": input_rels, "outputs": rels, "action_key": akey, "nightly": nightly,
+                   "remote": cache.remote_url, "root": str(root), "task": task_name, "tools": key["tools"],
+                   "code": key["code"], "arch": arch}
+        result = cluster.submit_and_wait(address, request, need, task_name)
+    except ExportError as e:
+        return TaskFailed(f"error: {e if e.file else ExportError(e.message, file=pyproject, field=e.field)}")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(result.get("log", ""))
+    for line in result.get("warnings", ()):
+        print(f"{result.get('worker')}: {line}", file=sys.stderr)
+    if "error" in result:
+        return TaskFailed(f"{result['error']} (on {result.get('worker')}; log: {log})")
+    restored = cache.get(result["key"], root, rels)
+    if restored != result["digests"]:
+        return TaskFailed(f"error: {task_name}: its outputs could not be restored from the shared cache "
+                          f"{cache.remote_url} (entry {result['key']})")
+    values = {"outputs": restored, "sizes": {rel: _size(p) for rel, p in zip(rels, outputs)}, "action_key": akey,
+              "seconds": result["seconds"], "peak_mb": result["peak_mb"], "reserved_mb": need,
+              "started": result["started"], "ended": result["ended"], "worker": result["worker"]}
+    if nightly:
+        values["cached"], values["reproducible"] = result["cached"], result["reproducible"]
     return values
 
 
@@ -295,7 +351,7 @@ def _task(step: str, name: str, doc: str, kwargs: dict, key: dict, outputs: list
     return {
         "name": name,
         "doc": doc,
-        "actions": [(run_step, [step, kwargs, outputs, full, key, deps])],
+        "actions": [(run_step, [step, kwargs, outputs, full, key, deps], {"arch": arch})],
         "file_dep": deps,
         "targets": [_rel(p) for p in targets],
         "uptodate": [config_changed(json.dumps(key, sort_keys=True)), outputs_intact,

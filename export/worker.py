@@ -82,6 +82,23 @@ def run(step: str, kwargs: dict, log: Path) -> dict:
     raise value
 
 
+def run_fresh(step: str, kwargs: dict, log: Path) -> dict:
+    """Like ``run``, in a new worker process of its own that exits afterwards (a Dask worker's steps)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    w = _Worker(log.with_name(log.name + ".start"))
+    try:
+        status, value = w.call((step, kwargs, str(log)))
+    except (EOFError, BrokenPipeError, pickle.UnpicklingError, OSError):
+        code = w.proc.wait()
+        how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        raise StepFailed(f"the step's process died ({how}; out of memory?); log: {log}") from None
+    finally:
+        w.close()
+    if status == "ok":
+        return value
+    raise value
+
+
 def _execute(step: str, kwargs: dict, log: str):
     from . import steps
 

@@ -1,0 +1,248 @@
+"""Steps on a Dask cluster: doit plans, Dask workers run, the shared cache carries the bytes.
+
+Selected by ``[tool.export.dask] scheduler``, ``$MODEL_EXPORT_DASK_SCHEDULER`` or
+``doit --dask ADDRESS`` (``doit nightly --dask ADDRESS``); without one, nothing here runs.
+
+doit stays the planner and the only writer of its dependency file: a step that is
+out of date and not in the cache is submitted (``submit``) from the doit lane
+that runs it, with the memory it needs declared as the worker resource
+``MEMORY_MB``, so a worker started with ``--resources MEMORY_MB=8000`` never runs
+steps that need more than 8000 MB together. The planner first publishes the
+step's input files to the shared cache (an entry of their own, ``in-<digest>``);
+the worker (``execute``) restores them into a scratch folder, runs the step in a
+fresh process (``export.worker.run_fresh``: a crash or an out-of-memory kill
+fails the step with its log, the worker lives on), publishes the outputs under
+the step's action key, and returns their digests and the log. The planner
+restores the outputs from the cache and checks every digest. A Dask worker that
+dies while it runs a step is replaced by the scheduler and the step runs again
+elsewhere (Dask's ``allowed-failures``); after that it is reported.
+
+Nothing here imports torch or coremltools; ``distributed`` is imported only when
+a scheduler is configured.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from .errors import ExportError
+
+RESOURCE = "MEMORY_MB"
+ENV = "MODEL_EXPORT_DASK_SCHEDULER"
+ROOT = "@root/"  # a project path in a request: relative to the planner's root, rebased by the worker
+LOG_LIMIT = 256 * 1024  # the tail of a step's log a worker sends back
+CONNECT_TIMEOUT = "30s"
+
+
+def scheduler_address(configured: str | None) -> str | None:
+    """The scheduler to use: ``$MODEL_EXPORT_DASK_SCHEDULER`` (empty: none) over the config's."""
+    if ENV in os.environ:
+        return os.environ[ENV].strip() or None
+    return configured or None
+
+
+# --- the planner side ------------------------------------------------------------------------
+
+
+def reachable(address: str) -> str | None:
+    """None if a TCP connection to the scheduler opens, else why not (no Dask import, no thread:
+    the doit lanes fork after this)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        parts.port
+    except ValueError:
+        return f"not a scheduler address {address!r} (expected tcp://host:port)"
+    if parts.scheme not in ("tcp", "tls") or not parts.hostname or not parts.port:
+        return f"not a scheduler address {address!r} (expected tcp://host:port)"
+    try:
+        with socket.create_connection((parts.hostname, parts.port), timeout=10):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
+
+_client = None
+_client_pid = None
+
+
+def client(address: str):
+    """One Dask client per doit lane (process): never shared across fork."""
+    global _client, _client_pid
+    if _client is None or _client_pid != os.getpid():
+        from distributed import Client
+
+        try:
+            _client = Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+        except (OSError, TimeoutError) as e:
+            raise ExportError(f"cannot reach the Dask scheduler at {address}: {e}", field="tool.export.dask.scheduler") from None
+        _client_pid = os.getpid()
+    return _client
+
+
+def capacity(c) -> dict[str, float | None]:
+    """Each worker's ``MEMORY_MB`` resource (None: the worker declares none)."""
+    workers = c.scheduler_info(n_workers=-1)["workers"]
+    return {addr: (w.get("resources") or {}).get(RESOURCE) for addr, w in workers.items()}
+
+
+def check_capacity(address: str, caps: dict[str, float | None], need_mb: int, task: str) -> None:
+    """Fail at once when no worker could ever run the step (rather than leave it waiting)."""
+    if not caps:
+        raise ExportError(f"{task}: no Dask worker is connected to the scheduler at {address}",
+                          field="tool.export.dask.scheduler")
+    held = [v for v in caps.values() if v is not None]
+    if not held:
+        raise ExportError(f"{task}: no Dask worker at {address} declares the {RESOURCE} resource; start each "
+                          f"worker with --resources {RESOURCE}=<megabytes it may use>", field="tool.export.dask.scheduler")
+    if need_mb > max(held):
+        raise ExportError(f"{task} needs {need_mb} MB and the largest Dask worker at {address} holds "
+                          f"{max(held):g} MB ({RESOURCE}); start a bigger worker", field="tool.export.dask.scheduler")
+
+
+def to_request_paths(value, root: Path):
+    """Replace absolute paths below ``root`` with ``@root/<relative>`` (in strings, lists and dicts)."""
+    if isinstance(value, str) and os.path.isabs(value):
+        rel = os.path.relpath(value, root)
+        if rel == ".." or rel.startswith(".." + os.sep):
+            raise ExportError(f"{value} is outside the project {root}: a step on the Dask cluster reads its inputs "
+                              "from the shared cache, by their place in the project", field="tool.export.dask")
+        return ROOT + Path(rel).as_posix()
+    if isinstance(value, list):
+        return [to_request_paths(v, root) for v in value]
+    if isinstance(value, dict):
+        return {k: to_request_paths(v, root) for k, v in value.items()}
+    return value
+
+
+def submit_and_wait(address: str, request: dict, need_mb: int, task: str) -> dict:
+    """Run ``execute(request)`` on the cluster with ``need_mb`` of the workers' memory; its result."""
+    from distributed import KilledWorker
+
+    c = client(address)
+    check_capacity(address, capacity(c), need_mb, task)
+    key = f"{task}-{uuid.uuid4().hex[:8]}"
+    future = c.submit(execute, request, key=key, pure=False, resources={RESOURCE: need_mb})
+    try:
+        return future.result()
+    except KilledWorker as e:
+        raise ExportError(f"{task}: the Dask workers running it died ({e}); see the workers' logs",
+                          field="tool.export.dask") from None
+    except Exception as e:  # anything else from the cluster: one line, the step fails
+        raise ExportError(f"{task}: the Dask cluster failed the step: {type(e).__name__}: {e}",
+                          field="tool.export.dask") from None
+
+
+# --- the worker side -------------------------------------------------------------------------
+
+
+def _from_request_paths(value, scratch: str):
+    if isinstance(value, str) and value.startswith(ROOT):
+        return os.path.join(scratch, *value[len(ROOT):].split("/"))
+    if isinstance(value, list):
+        return [_from_request_paths(v, scratch) for v in value]
+    if isinstance(value, dict):
+        return {k: _from_request_paths(v, scratch) for k, v in value.items()}
+    return value
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except Exception:
+        return socket.gethostname()
+
+
+def _tail(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - LOG_LIMIT))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _other_build(request: dict) -> str | None:
+    """Why this worker would not make the bytes the planner's keys promise (its step code or a tool
+    version differs), or None."""
+    from .tasks import code_digest
+    from .toolchain import versions
+
+    mine = code_digest(request["step"], request["arch"])
+    if mine != request["code"]:
+        return f"runs other {request['step']} code than the planner (code digest {mine}, planner {request['code']})"
+    tools = versions(tuple(name for name in request["tools"] if name != "python"))
+    differ = [f"{name} {tools.get(name)} (planner {v})" for name, v in request["tools"].items() if tools.get(name) != v]
+    return f"has other tool versions than the planner: {', '.join(differ)}" if differ else None
+
+
+def execute(request: dict) -> dict:
+    """Run one step on this worker (called by Dask). Never raises for a failed step: returns
+    ``{"error": message, "log": text}`` so that Dask retries only lost workers, not bad inputs."""
+    from . import worker as step_worker
+    from .cache import Cache
+    from .digest import file_digest, tree_digest
+
+    warnings: list[str] = []
+    local = os.environ.get("MODEL_EXPORT_CACHE") or Path.home() / ".cache" / "model-export"
+    cache = Cache(local, request["remote"], log=warnings.append)
+    scratch = tempfile.mkdtemp(prefix="model-export-step-")
+    root, task = request["root"], request["task"]
+    log = Path(scratch) / ".step.log"
+
+    def planner_paths(text: str) -> str:  # messages and logs name the planner's files, not the scratch copy
+        return text.replace(scratch, root)
+
+    def failed(message: str) -> dict:
+        return {"error": planner_paths(message), "log": planner_paths(_tail(log)), "worker": _worker_name(),
+                "warnings": warnings}
+
+    try:
+        mismatch = _other_build(request)
+        if mismatch:
+            return failed(f"error: {task}: this Dask worker {mismatch}; install the same model-export and "
+                          "toolchain on every worker as on the machine that runs doit")
+        if cache.get(request["inputs_key"], Path(scratch), request["inputs"]) is None:
+            return failed(f"{task}: its inputs are not in the shared cache {request['remote']} (entry "
+                          f"{request['inputs_key']}); the workers must reach the store the planner writes"
+                          + (f" ({'; '.join(warnings)})" if warnings else ""))
+        kwargs = _from_request_paths(request["kwargs"], scratch)
+        started, wall = time.monotonic(), time.time()
+        try:
+            measured = step_worker.run_fresh(request["step"], kwargs, log)
+        except ExportError as e:
+            return failed(f"error: {e}")
+        except step_worker.StepFailed as e:
+            return failed(f"error: {task}: {e}")
+        seconds, ended = round(time.monotonic() - started, 3), time.time()
+        outputs = request["outputs"]
+        missing = [rel for rel in outputs if not (Path(scratch) / rel).exists()]
+        if missing:
+            return failed(f"error: {task}: the step did not write {missing}")
+        digests = {rel: tree_digest(p) if p.is_dir() else file_digest(p)
+                   for rel in outputs for p in [Path(scratch) / rel]}
+        key, cached, reproducible = request["action_key"], None, None
+        if request["nightly"]:
+            cached = cache.peek(key, outputs)
+            reproducible = None if cached is None else cached == digests
+            if reproducible is False:  # never overwrite the cached bytes; hand these over under their own key
+                key = f"{key}.rebuilt"
+        cache.put(key, Path(scratch), outputs, {"task": task, "seconds": seconds, "toolchain": request["tools"],
+                                                "worker": _worker_name()})
+        if not cache.remote_has(key):
+            return failed(f"error: {task}: could not publish its outputs to the shared cache {request['remote']}"
+                          + (f" ({'; '.join(warnings)})" if warnings else ""))
+        return {"key": key, "digests": digests, "cached": cached, "reproducible": reproducible,
+                "peak_mb": measured["peak_mb"], "seconds": seconds, "started": wall, "ended": ended,
+                "worker": _worker_name(), "log": planner_paths(_tail(log)), "warnings": warnings}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
