@@ -194,7 +194,7 @@ def execute(request: dict) -> dict:
     warnings: list[str] = []
     local = os.environ.get("MODEL_EXPORT_CACHE") or Path.home() / ".cache" / "model-export"
     cache = Cache(local, request["remote"], log=warnings.append)
-    scratch = tempfile.mkdtemp(prefix="model-export-step-")
+    scratch = tempfile.mkdtemp(prefix=f"model-export-step-{request['task'].replace(':', '__')}-")
     root, task = request["root"], request["task"]
     log = Path(scratch) / ".step.log"
 

@@ -105,7 +105,7 @@ class Nightly(RunCmd):
                 cached = (rec.get("cached") or {}).get(rel)
                 if cached != digest:
                     out.write(f"NOT REPRODUCIBLE: {name}: {rel}: rebuilt {digest}, cached {cached}\n")
-        fresh = sum(1 for r in tasks.values() if r.get("reproducible") is None and r.get("status") == "built")
+        fresh = sum(1 for r in tasks.values() if r.get("reproducible") is None and r.get("status") == "built" and r.get("outputs"))
         same = sum(1 for r in tasks.values() if r.get("reproducible") is True)
         out.write(f"nightly: {same} reproducible, {len(bad)} not reproducible, {fresh} new to the cache; "
                   f"report: {S.config.artifacts / 'nightly.json'}\n")

@@ -26,8 +26,9 @@ from doit.reporter import ConsoleReporter
 from . import atomic
 
 # What a task's values add to its record: output digests and sizes, the step's
-# own seconds and peak memory, the action key, and the nightly's verdict.
-KEPT = ("outputs", "sizes", "peak_mb", "reserved_mb", "started", "ended", "action_key", "reproducible", "cached")
+# own seconds and peak memory, the action key, the nightly's verdict, and the Dask worker that ran it.
+KEPT = ("outputs", "sizes", "peak_mb", "reserved_mb", "started", "ended", "action_key", "reproducible", "cached",
+        "worker")
 HEARTBEAT = 60.0  # seconds between "still running" lines when not on a terminal
 
 

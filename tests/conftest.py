@@ -142,3 +142,15 @@ def fork_module(module: str, *args, cwd: Path, timeout: float = 120) -> subproce
         err.seek(0)
         return subprocess.CompletedProcess([module, *args], os.waitstatus_to_exitcode(status),
                                            out.read().decode(), err.read().decode())
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto) on 127.0.0.1: its endpoint URL."""
+    pytest.importorskip("s3fs")
+    server_mod = pytest.importorskip("moto.server")
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

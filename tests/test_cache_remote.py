@@ -97,17 +97,6 @@ def test_concurrent_publishing_to_a_remote_directory(tmp_path):
 # --- S3 on a real moto server ---------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    pytest.importorskip("s3fs")
-    server_mod = pytest.importorskip("moto.server")
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
 def s3(s3_server, monkeypatch, request):
     """A fresh bucket; the endpoint and dummy keys in the environment, as a developer would set them."""

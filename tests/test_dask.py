@@ -1,0 +1,212 @@
+"""Builds on a Dask cluster (export.cluster): a LocalCluster of two worker processes started here,
+the shared cache on a directory store and on a real S3 server (moto, 127.0.0.1).
+
+Each worker declares MEMORY_MB = 600 and has two threads; every step of these tiny projects
+reserves 300-600 MB, and any two together more than 600: so no worker may ever run two steps
+at once although it has the threads and doit has eight lanes in flight.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from scenario import Project
+
+pytest.importorskip("distributed")
+
+WORKER_MB = 600
+STEPS = ("checkpoint:", "export_pytorch:", "convert_coreml:", "bundle_coreml:")
+
+
+@pytest.fixture(scope="module")
+def s3_env(s3_server) -> dict:
+    return {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3_env):
+    """(scheduler address, client, the workers' scratch folder). The nannies restart a killed worker
+    with the same environment: its own local cache, the S3 endpoint and keys, TMPDIR."""
+    from distributed import Client, LocalCluster
+
+    scratch = tmp_path_factory.mktemp("worker-tmp")
+    env = {"MODEL_EXPORT_CACHE": str(tmp_path_factory.mktemp("worker-cache")), "TMPDIR": str(scratch), **s3_env}
+    lc = LocalCluster(n_workers=2, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address=":0",
+                      resources={"MEMORY_MB": WORKER_MB}, env=env)
+    client = Client(lc)
+    yield lc.scheduler_address, client, scratch
+    client.close()
+    lc.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Project:
+    """The same project built locally (no cluster): the bytes every cluster build must give."""
+    p = Project.create(tmp_path_factory.mktemp("reference") / "project")
+    p.doit("-n", "2")
+    return p
+
+
+def _steps(p: Project) -> dict[str, dict]:
+    tasks = json.loads((p.root / "artifacts" / "last_build.json").read_text())["tasks"]
+    return {n: rec for n, rec in tasks.items() if n.startswith(STEPS)}
+
+
+def _assert_memory_limited(records: dict[str, dict]) -> None:
+    """No worker ran two steps at once: the MEMORY_MB resource, not the threads, set the concurrency."""
+    need = sorted(rec["reserved_mb"] for rec in records.values())
+    assert need[-1] <= WORKER_MB and need[0] + need[1] > WORKER_MB  # the premise: one step per worker at a time
+    by_worker: dict[str, list] = {}
+    for name, rec in records.items():
+        by_worker.setdefault(rec["worker"], []).append((rec["started"], rec["ended"], name))
+    for worker, spans in by_worker.items():
+        spans.sort()
+        for (s1, e1, n1), (s2, e2, n2) in zip(spans, spans[1:]):
+            assert s2 >= e1, f"{worker} ran {n1} and {n2} at once"
+
+
+def _workers(client) -> set[str]:
+    return set(client.scheduler_info(n_workers=-1)["workers"])
+
+
+def test_nightly_on_the_cluster_with_a_directory_store(cluster, reference, tmp_path):
+    address, client, _ = cluster
+    p = Project.create(tmp_path / "project")
+    r = p.doit("nightly", "--dask", address, env={"MODEL_EXPORT_REMOTE_CACHE": str(tmp_path / "share")})
+    assert f"dask: steps run on the cluster at {address} (8 lanes)" in r.stderr
+    assert p.artifact_digests() == reference.artifact_digests()
+    records = _steps(p)
+    assert len(records) == 15 and all(rec["status"] == "built" for rec in records.values())
+    assert {rec["worker"] for rec in records.values()} == _workers(client)  # both workers ran steps
+    _assert_memory_limited(records)
+    nightly = json.loads((p.root / "artifacts" / "nightly.json").read_text())
+    assert nightly["non_reproducible"] == []
+    assert "nightly: 0 reproducible, 0 not reproducible, 15 new to the cache" in r.stdout
+    # the planner wrote each step's log from what its worker sent back
+    log = (p.root / ".export" / "logs" / "convert_coreml__student.prefill.T16.log").read_text()
+    assert "MIL" in log and "model-export-step-" not in log
+
+
+def test_nightly_on_the_cluster_with_s3_then_plain_builds_use_it(cluster, reference, tmp_path, s3_env, s3_server):
+    import s3fs
+
+    address, client, _ = cluster
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server, key="testing", secret="testing", skip_instance_cache=True)
+    fs.mkdir("dask-nightly")
+    env = {"MODEL_EXPORT_REMOTE_CACHE": "s3://dask-nightly/team/cache", **s3_env}
+    p = Project.create(tmp_path / "project")
+    p.doit("nightly", "--dask", address, env=env)
+    assert p.artifact_digests() == reference.artifact_digests()
+    records = _steps(p)
+    assert {rec["worker"] for rec in records.values()} == _workers(client)
+    _assert_memory_limited(records)
+    assert fs.find("dask-nightly/team/cache/ac")  # published to S3
+    # The config may name the scheduler instead of the command line; an up-to-date build submits nothing.
+    text = (p.root / "pyproject.toml").read_text()
+    (p.root / "pyproject.toml").write_text(text + f'\n[tool.export.dask]\nscheduler = "{address}"\nlanes = 3\n')
+    r = p.doit(env=env)
+    assert "(3 lanes)" in r.stderr
+    assert p.ran() == set() and p.restored() == set()
+    # Another machine, no cluster, an empty local cache: everything comes from S3.
+    q = Project.create(tmp_path / "other")
+    q.doit(env={**env, "MODEL_EXPORT_CACHE": str(tmp_path / "other-local")})
+    assert q.ran() == set()
+    assert q.artifact_digests() == reference.artifact_digests()
+
+
+def test_a_step_no_worker_can_hold_fails_at_once(cluster, tmp_path):
+    import torch
+
+    from export import checkpoint
+
+    address, _, _ = cluster
+    p = Project.create(tmp_path / "project")
+    # ~70 MB of weights: exporting it reserves 400 + 3 x 70 MB, more than any worker's 600 MB
+    config, model = checkpoint.demo_model("student", dict(vocab_size=16000, d_model=512, n_layers=1, n_heads=8,
+                                                          n_kv_heads=2, ffn_hidden=512, max_positions=64))
+    torch.manual_seed(0)
+    checkpoint.save(p.root / "checkpoints" / "student.pt", "student", config, model.state_dict())
+    r = subprocess.run([sys.executable, "-m", "doit", "--dask", address, "export_pytorch:student.prefill.T16"],
+                       cwd=p.root, env=p.env({"MODEL_EXPORT_REMOTE_CACHE": str(tmp_path / "share")}),
+                       capture_output=True, text=True, timeout=300)  # a step left waiting would hang here
+    assert r.returncode != 0
+    err = r.stdout + r.stderr
+    assert f"pyproject.toml: tool.export.dask.scheduler: export_pytorch:student.prefill.T16 needs" in err
+    assert f"the largest Dask worker at {address} holds {WORKER_MB} MB (MEMORY_MB)" in err
+    assert "Traceback" not in err
+
+
+def _executing(dask_worker):
+    return os.getpid(), [str(ts.key) for ts in dask_worker.state.executing]
+
+
+def test_a_worker_killed_during_a_conversion_is_replaced_and_the_step_runs_again(cluster, reference, tmp_path):
+    address, client, scratch = cluster
+    p = Project.create(tmp_path / "project")
+    build = subprocess.Popen([sys.executable, "-m", "doit", "--dask", address, "convert_coreml:T16"], cwd=p.root,
+                             env=p.env({"MODEL_EXPORT_REMOTE_CACHE": str(tmp_path / "share")}),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim = None
+    deadline = time.monotonic() + 600
+    while victim is None and build.poll() is None and time.monotonic() < deadline:
+        for log in scratch.glob("model-export-step-convert_coreml__*/.step.log"):
+            try:
+                converting = "Converting PyTorch Frontend" in log.read_text(errors="replace")
+            except OSError:
+                continue
+            if converting:  # a conversion is under way in coremltools: find its worker
+                task = log.parent.name[len("model-export-step-"):].rsplit("-", 1)[0].replace("__", ":")
+                for addr, (pid, keys) in client.run(_executing).items():
+                    if any(k.startswith(task + "-") for k in keys):
+                        victim = (addr, pid, task)
+                break
+        time.sleep(0.2)
+    assert victim is not None, "no conversion was seen running"
+    addr, pid, task = victim
+    os.kill(pid, signal.SIGKILL)
+    out, _ = build.communicate(timeout=900)
+    assert build.returncode == 0, out
+    built = p.artifact_digests()
+    assert len(built) > 20 and built == {k: v for k, v in reference.artifact_digests().items() if k in built}
+    records = _steps(p)
+    assert records[task]["status"] == "built" and records[task]["worker"] != addr  # ran again, elsewhere
+    client.wait_for_workers(2, timeout=120)  # the nanny replaced the dead worker
+
+
+def test_workers_refuse_steps_of_other_code(cluster, tmp_path):
+    address, _, _ = cluster
+    p = Project.create(tmp_path / "project")
+    atomic = p.root / "export" / "atomic.py"
+    atomic.write_text(atomic.read_text() + "\n# a local edit the workers do not have\n")
+    r = p.doit("--dask", address, "checkpoint", env={"MODEL_EXPORT_REMOTE_CACHE": str(tmp_path / "share")},
+               check=False)
+    assert r.returncode != 0
+    assert "checkpoint:judge: this Dask worker runs other checkpoint code than the planner" in r.stdout + r.stderr
+    assert not (p.root / "artifacts" / "judge" / "checkpoint.pt").exists()
+
+
+def test_a_cluster_build_needs_a_shared_cache(cluster, tmp_path):
+    address, _, _ = cluster
+    p = Project.create(tmp_path / "project")
+    r = p.doit("--dask", address, "checkpoint", check=False)
+    assert r.returncode != 0
+    assert "pyproject.toml: tool.export.cache.remote: steps on the Dask cluster" in r.stdout + r.stderr
+
+
+def test_an_unreachable_scheduler_is_one_clear_error(tmp_path):
+    p = Project.create(tmp_path / "project")
+    r = p.doit("--dask", "tcp://127.0.0.1:1", check=False)
+    assert r.returncode == 2
+    assert "pyproject.toml: tool.export.dask.scheduler: cannot reach the Dask scheduler at tcp://127.0.0.1:1" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (p.root / "artifacts" / "last_build.json").exists()
+    r = p.doit("--dask", "not-an-address", check=False)
+    assert r.returncode == 2 and "expected tcp://host:port" in r.stderr
