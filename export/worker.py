@@ -8,7 +8,7 @@ step it was running, with that step's log; the next step gets a fresh worker.
 
 Requests and replies are pickles over two pipes of their own; the worker's
 stdout and stderr go to the running step's log. The worker exits when its
-request pipe closes, so it never outlives the process that started it.
+request pipe closes, and on Linux dies with the process that started it.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class _Worker:
         rep_r, rep_w = os.pipe()
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "export.worker", str(req_r), str(rep_w)],
+                [sys.executable, "-m", "export.worker", str(req_r), str(rep_w), str(os.getpid())],
                 pass_fds=(req_r, rep_w), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
             )
@@ -150,7 +150,23 @@ def _peak_mb() -> float | None:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def main(req_fd: int, rep_fd: int) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: be killed when the process that started us dies (a SIGKILLed doit lane or Dask worker),
+    rather than finish a step nobody waits for."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the prctl
+        os._exit(1)
+
+
+def main(req_fd: int, rep_fd: int, parent: int | None = None) -> None:
+    if parent is not None:
+        _die_with_parent(parent)
     requests, replies = os.fdopen(req_fd, "rb"), os.fdopen(rep_fd, "wb")
     while True:
         try:
@@ -174,4 +190,4 @@ if __name__ == "__main__":
     # which the planner can unpickle (it has no __main__.StepFailed).
     from export.worker import main as _main
 
-    _main(int(sys.argv[1]), int(sys.argv[2]))
+    _main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else None)
