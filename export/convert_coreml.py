@@ -72,10 +72,15 @@ def load_program(path: Path | str):
         with warnings.catch_warnings(), _quiet("torch.export"):  # torch logs a damaged archive's traceback
             warnings.simplefilter("ignore")
             ep = torch.export.load(str(path))
-        return fmt, ep.run_decompositions({})  # torch.export gives the training dialect
+        return fmt, inference_dialect(ep)
     except Exception as e:  # torch raises many types for a damaged archive
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ExportError(f"not a readable {fmt} file (corrupt or truncated): {first}", file=path, field="--in") from None
+
+
+def inference_dialect(ep):
+    """torch.export gives the training dialect; coremltools converts the inference one."""
+    return ep.run_decompositions({})
 
 
 def _check_matches_contract(path: Path, fmt: str, program, c: dict, contract_path: Path) -> None:
@@ -166,15 +171,22 @@ def _options(options) -> CoreMLOptions:
 
 
 def convert(exported: Path | str, out: Path | str, contract_path: Path | str,
-            options: CoreMLOptions | dict | None = None, *, log=print) -> Path:
-    """Convert one exported program to ``out`` (a ``.mlpackage`` folder, written atomically); return ``out``."""
+            options: CoreMLOptions | dict | None = None, *, log=print, program=None) -> Path:
+    """Convert one exported program to ``out`` (a ``.mlpackage`` folder, written atomically); return ``out``.
+
+    ``program``: the ExportedProgram whose bytes ``exported`` holds, still in memory (the worker that
+    just exported it); it spares loading the file again. Its digest is still checked against the contract.
+    """
     exported, out, contract_path = Path(exported), Path(out), Path(contract_path)
     opts = _options(options)
     if out.suffix != ".mlpackage":
         raise ExportError(f"the output must be a .mlpackage folder, got {out.name!r}", file=out, field="--out")
     c = contract_mod.read(contract_path)
     _check_options(c, opts, contract_path)
-    fmt, program = load_program(exported)
+    if program is None:
+        fmt, program = load_program(exported)
+    else:
+        fmt, program = "exported_program", inference_dialect(program)
     _check_matches_contract(exported, fmt, program, c, contract_path)
     check_supported(program, file=exported)
     try:

@@ -17,6 +17,7 @@ import io
 import re
 import sys
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -108,7 +109,29 @@ def export_program(wrapper, example) -> bytes:
             node.meta["stack_trace"] = trace  # the preflight says where an unsupported op comes from
     buf = io.BytesIO()
     torch.export.save(ep, buf)
-    return buf.getvalue()
+    data = buf.getvalue()
+    if KEEP_PROGRAMS_BYTES:
+        keep_program(bytes_digest(data), ep, len(data))
+    return data
+
+
+# A worker that exports and later converts the same programs keeps them (export.steps): converting one
+# then needs no torch.export.load of the file it wrote. Bounded by the programs' file sizes (an
+# overestimate: an fp32 program shares its weights with the loaded checkpoint).
+KEEP_PROGRAMS_BYTES = 0
+kept_programs: "OrderedDict[str, tuple[torch.export.ExportedProgram, int]]" = OrderedDict()
+
+
+def keep_program(digest: str, ep, size: int) -> None:
+    kept_programs[digest] = (ep, size)
+    while sum(n for _, n in kept_programs.values()) > KEEP_PROGRAMS_BYTES and kept_programs:
+        kept_programs.popitem(last=False)
+
+
+def take_program(digest: str):
+    """The kept ExportedProgram whose saved bytes have ``digest`` (then forgotten), or None."""
+    entry = kept_programs.pop(digest, None)
+    return None if entry is None else entry[0]
 
 
 EXPORTERS = {"torchscript": export_torchscript, "exported_program": export_program}

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 _checkpoints: dict = {}  # (path, stat) -> (Loaded, model): a checkpoint is loaded once per worker
+KEEP_PROGRAMS_BYTES = 2 << 30  # exported programs kept in memory for their conversion (export_pytorch.keep_program)
 
 
 def _loaded(path: str):
@@ -33,8 +34,11 @@ def checkpoint(out: str, architecture: str) -> None:
 
 def export_pytorch(checkpoint: str, out_dir: str, model: str, mode: str, T: int, formats: list[str], dtype: str,
                    kv_cache: str = "explicit", architecture: str | None = None) -> None:
+    from . import export_pytorch as xp
     from .errors import ExportError
     from .export_pytorch import export_entry
+
+    xp.KEEP_PROGRAMS_BYTES = KEEP_PROGRAMS_BYTES
 
     ck, module = _loaded(checkpoint)
     if architecture is not None and ck.arch.name != architecture:
@@ -62,9 +66,14 @@ def write_package_manifest(package: Path) -> Path:
 
 
 def convert_coreml(exported: str, contract: str, out: str, options: dict) -> None:
+    from . import export_pytorch as xp
     from .convert_coreml import convert
+    from .digest import file_digest
 
-    convert(exported, out, contract, options)
+    program = xp.take_program(file_digest(exported)) if exported.endswith(".pt2") and xp.kept_programs else None
+    if program is not None:
+        print(f"{exported}: the program this worker exported, still in memory (not loaded again)")
+    convert(exported, out, contract, options, program=program)
     write_package_manifest(Path(out))
 
 
