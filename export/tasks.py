@@ -26,7 +26,7 @@ from doit.tools import config_changed
 
 from . import checkpoint_files
 from . import config as config_mod
-from . import lock
+from . import depfile, lock
 from .contract import entry_name
 from .digest import StatCache, bytes_digest
 from .errors import ExportError
@@ -140,6 +140,7 @@ def setup(dodo_file: str, argv: list[str]) -> dict:
     state.mkdir(exist_ok=True)
     S.stat = StatCache(state / "stat-cache.sqlite")
     lock.acquire(state / "lock", argv)
+    depfile.check(state / "doit.sqlite", repair=lock.command_of(argv) not in lock.READ_ONLY)
     BuildReporter.record_path = S.config.artifacts / "last_build.json"
     return {
         "dep_file": str(state / "doit.sqlite"),
