@@ -95,9 +95,10 @@ def check_cache(root: Path) -> None:
                 f"cache entry {m.name} names a bad blob {digest}"
 
 
-def run_trial(template: Project, reference: dict, tmp_path: Path, trial: str) -> None:
+def run_trial(template: Project, reference: dict, tmp_path: Path, trial: str, args: tuple[str, ...] = ()) -> None:
+    """Kill ``doit *args`` at the moment ``trial``, then ``doit`` again: a clean build's bytes."""
     p = template.copy(tmp_path / "project")
-    proc = popen_doit(p)
+    proc = popen_doit(p, *args)
     hit = _wait_for(proc, p.root, trial, reference["seconds"])
     kill_group(proc)
     out, err = proc.communicate(timeout=60)
@@ -111,7 +112,7 @@ def run_trial(template: Project, reference: dict, tmp_path: Path, trial: str) ->
     assert p.artifact_digests() == reference["digests"]
     check_cache(p.root / ".cache")
     # and it is really done: a third run builds nothing
-    p.doit()
+    p.doit(*args)
     assert p.ran() <= {"prune_artifacts"}
 
 
@@ -139,6 +140,44 @@ def test_sigint_stops_the_build_cleanly(template, reference, tmp_path):
     r = p.doit(check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert p.artifact_digests() == reference["digests"]
+
+
+# --- parallel builds (doit -n 2) --------------------------------------------------------
+# Both modes: two exports and two conversions that can run at once, then the bundle.
+
+PARALLEL_QUICK = ["conversion-writing"]
+PARALLEL_SLOW = ["export-writing", "delay-0.37", "cache-first-entry", "package-manifest-writing", "bundle-writing"]
+
+
+@pytest.fixture(scope="module")
+def template_n2(tmp_path_factory) -> Project:
+    return create_tiny(tmp_path_factory.mktemp("kill-n2") / "template")
+
+
+@pytest.fixture(scope="module")
+def reference_n2(template_n2, tmp_path_factory) -> dict:
+    """A clean ``doit -n 2`` build, checked to have really run two steps at once."""
+    p = template_n2.copy(tmp_path_factory.mktemp("kill-n2-ref") / "project")
+    started = time.monotonic()
+    p.doit("-n", "2")
+    seconds = time.monotonic() - started
+    assert p.ran() == STEPS, p.last_build()
+    record = json.loads((p.root / "artifacts" / "last_build.json").read_text())["tasks"]
+    exports = [record[f"export_pytorch:student.{mode}.T16"] for mode in ("prefill", "decode")]
+    assert max(e["started"] for e in exports) < min(e["ended"] for e in exports), \
+        f"doit -n 2 ran the two exports one after the other: {exports}"
+    return {"digests": p.artifact_digests(), "seconds": seconds, "project": p}
+
+
+@pytest.mark.parametrize("trial", PARALLEL_QUICK)
+def test_killed_parallel_build_recovers(template_n2, reference_n2, tmp_path, trial):
+    run_trial(template_n2, reference_n2, tmp_path, trial, args=("-n", "2"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", PARALLEL_SLOW)
+def test_killed_parallel_build_recovers_slow(template_n2, reference_n2, tmp_path, trial):
+    run_trial(template_n2, reference_n2, tmp_path, trial, args=("-n", "2"))
 
 
 # --- doit's dependency file (.export/doit.sqlite) ---------------------------------------
