@@ -429,9 +429,10 @@ def _expected_outputs() -> set[Path]:
     return out
 
 
-# Temporaries of atomic writes (export.atomic: .tmp) and of cache restores (export.cache: .restore, .old).
+# Temporaries of atomic writes (export.atomic: .tmp), of cache restores (export.cache: .restore, .old) and
+# of the bundle's merge (export.bundle: .merge).
 # A full build runs prune_artifacts after every step it runs, under the project lock: none is being written.
-LEFTOVER_SUFFIXES = (".tmp", ".restore", ".old")
+LEFTOVER_SUFFIXES = (".tmp", ".restore", ".old", ".merge")
 
 
 def stale_outputs() -> list[Path]:

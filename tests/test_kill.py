@@ -53,6 +53,8 @@ FILE_TRIGGERS = {
     "cache-first-entry": ".cache/ac/*/*",
     "bundle-log": ".export/logs/bundle_coreml__student.log",
     "bundle-writing": "artifacts/student/.student.mlpackage.*",
+    # coremltools has begun writing the merged package in the bundle's scratch folder
+    "bundle-merging": "artifacts/student/.student.mlpackage.*.merge/*/*",
 }
 # Delays stop well short of the whole cold build: a build on a less loaded machine than the
 # reference one finishes sooner, and a kill after the end proves nothing (the late moments are
@@ -110,6 +112,8 @@ def run_trial(template: Project, reference: dict, tmp_path: Path, trial: str, ar
     assert r.returncode == 0, f"the build after the kill failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     no_traceback(r)
     assert p.artifact_digests() == reference["digests"]
+    leftovers = list((p.root / "artifacts").glob("*/**/.*"))  # temporaries of the killed build: pruned
+    assert not leftovers, f"the killed build's temporaries are still there: {leftovers}"
     check_cache(p.root / ".cache")
     # and it is really done: a third run builds nothing
     p.doit(*args)
