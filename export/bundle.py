@@ -12,6 +12,7 @@ metadata, which is set again; the result is canonicalized like every package.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import shutil
@@ -86,20 +87,37 @@ def bundle(packages: list[Path], contracts: list[Path], out: Path, contract_out:
         try:
             ct.utils.save_multifunction(desc, str(merged))
         except Exception as e:  # coremltools raises anything from deep inside; keep its first line
+            _no_space(e, out)
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             hint = (" (compressed packages merge only when converted for iOS18/macOS15 or later)"
                     if "constexpr" in first else "")
             raise ExportError(f"coremltools could not merge the packages: {first}{hint}", file=out, field="functions") from None
-        with atomic_path(out, is_dir=True) as tmp:
-            shutil.copytree(merged, tmp, dirs_exist_ok=True)
-            canonicalize(tmp, meta)
-            spec = read_spec(tmp)
-            for name, _, c in entries:
-                check_spec(c, spec, file=out, function=name)
+        try:
+            with atomic_path(out, is_dir=True) as tmp:
+                shutil.copytree(merged, tmp, dirs_exist_ok=True)
+                canonicalize(tmp, meta)
+                spec = read_spec(tmp)
+                for name, _, c in entries:
+                    check_spec(c, spec, file=out, function=name)
+        except OSError as e:
+            _no_space(e, out)
+            raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     contract_mod.write(contract_out, agg, aggregate=True)
     return agg
+
+
+def _no_space(e: BaseException, out: Path) -> None:
+    """A full disk while merging or copying (shutil.copytree gathers its errors in a list): one clear error."""
+    full = f"[Errno {errno.ENOSPC}]"
+    if getattr(e, "errno", None) == errno.ENOSPC:
+        where = e.filename or out
+    elif isinstance(e, shutil.Error) and full in str(e):
+        where = next((dst for _, dst, why in e.args[0] if full in str(why)), out)
+    else:
+        return
+    raise ExportError(f"No space left on device (writing {where})", file=out, field="output folder") from None
 
 
 def _parent(out: Path) -> Path:

@@ -26,7 +26,7 @@ from doit.tools import config_changed
 
 from . import checkpoint_files
 from . import config as config_mod
-from . import lock
+from . import depfile, lock
 from .contract import entry_name
 from .digest import StatCache, bytes_digest
 from .errors import ExportError
@@ -140,6 +140,7 @@ def setup(dodo_file: str, argv: list[str]) -> dict:
     state.mkdir(exist_ok=True)
     S.stat = StatCache(state / "stat-cache.sqlite")
     lock.acquire(state / "lock", argv)
+    depfile.check(state / "doit.sqlite", repair=lock.command_of(argv) not in lock.READ_ONLY)
     BuildReporter.record_path = S.config.artifacts / "last_build.json"
     return {
         "dep_file": str(state / "doit.sqlite"),
@@ -489,9 +490,10 @@ def _expected_outputs() -> set[Path]:
     return out
 
 
-# Temporaries of atomic writes (export.atomic: .tmp) and of cache restores (export.cache: .restore, .old).
+# Temporaries of atomic writes (export.atomic: .tmp), of cache restores (export.cache: .restore, .old) and
+# of the bundle's merge (export.bundle: .merge).
 # A full build runs prune_artifacts after every step it runs, under the project lock: none is being written.
-LEFTOVER_SUFFIXES = (".tmp", ".restore", ".old")
+LEFTOVER_SUFFIXES = (".tmp", ".restore", ".old", ".merge")
 
 
 def stale_outputs() -> list[Path]:

@@ -190,9 +190,19 @@ SINGLE = TINY_TOML
 
 CASES = [
     # --- the config (pyproject.toml) ---
+    # No fix without wrapping doit (checked in doit 0.37.0): `doit` and `python -m doit` both run
+    # DoitMain() (doit/__main__.py), whose __init__ (doit_cmd.py) parses pyproject.toml with tomllib
+    # before the task loader imports dodo.py, i.e. before any code of ours runs, and nothing there
+    # catches the TOMLDecodeError. Moving [tool.doit] to doit.cfg does not help: DoitMain's
+    # config_filenames default is ('pyproject.toml', 'doit.cfg') and every one that exists is parsed
+    # (tried: same traceback). Command plugins (entry points or [tool.doit.plugins]) load after that
+    # parse. What is left runs in every interpreter (a .pth file, sitecustomize) or replaces the
+    # user's `doit` (a wrapper script): not done.
     pytest.param(("config-not-toml", edit_toml("[tool.export]", "[tool.export"), PY, "(file)"),
-                 marks=pytest.mark.xfail(strict=True, reason="doit 0.37 parses pyproject.toml for [tool.doit] before "
-                                         "dodo.py loads: its TOMLDecodeError traceback reaches the user (upstream)")),
+                 marks=pytest.mark.xfail(strict=True, reason="doit 0.37's DoitMain.__init__ parses pyproject.toml "
+                                         "(even with a doit.cfg) before dodo.py is imported and does not catch "
+                                         "tomllib.TOMLDecodeError: its traceback reaches the user; only a wrapper "
+                                         "around doit's entry point could catch it")),
     ("config-unknown-top-key", edit_toml('artifacts = "artifacts"', 'artifacts = "artifacts"\ncolour = "red"'), PY, "tool.export.colour"),
     ("config-unknown-model-key", add_model_key('colour = "red"'), PY, f"{M0}.colour"),
     ("config-artifacts-not-a-string", edit_toml('artifacts = "artifacts"', "artifacts = 3"), PY, "tool.export.artifacts"),

@@ -8,15 +8,17 @@ Disk-full cases mount a small tmpfs (root only); they are skipped where mount is
 """
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from faults import create_tiny, error_lines, no_traceback
+from faults import create_tiny, error_lines, file_digests, no_traceback
 from scenario import Project, project_toml
-from test_kill import KILL_TOML, check_cache
+from test_kill import KILL_STEPS, KILL_TOML, check_cache
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +29,16 @@ def template(tmp_path_factory) -> Project:
 
 
 @pytest.fixture(scope="module")
-def reference(template, tmp_path_factory) -> dict:
+def built(template, tmp_path_factory) -> Project:
+    """A clean build, its cache (.cache) holding every step."""
     p = template.copy(tmp_path_factory.mktemp("res-ref") / "project")
     p.doit()
-    return p.artifact_digests()
+    return p
+
+
+@pytest.fixture(scope="module")
+def reference(built) -> dict:
+    return built.artifact_digests()
 
 
 @contextmanager
@@ -100,3 +108,95 @@ def test_unwritable_cache_builds_without_caching(template, reference, tmp_path):
     assert r.stderr.count("cache not writable") == 1, "the warning is said once, not once per step"
     assert p.artifact_digests() == reference
     assert p.ran() >= {"export_pytorch:student.prefill.T16", "bundle_coreml:student"}
+
+
+def _fill(where: Path, leave: int) -> Path:
+    """Fill the file system of ``where`` until only ``leave`` bytes are free; the filler's path."""
+    st = os.statvfs(where)
+    free = st.f_bavail * st.f_frsize
+    assert free > leave, f"only {free} bytes free in {where}"
+    filler = where / "filler"  # top level of artifacts/: not an artifact (artifact_digests reads artifacts/<model>/)
+    with open(filler, "wb") as f:
+        f.write(bytes(free - leave))
+    return filler
+
+
+def _leftovers(art: Path) -> list[Path]:
+    """Temporaries of atomic writes, restores and merges (dot-names) anywhere under artifacts/<model>/."""
+    return [f for f in art.glob("*/**/.*")]
+
+
+def test_disk_full_during_the_bundle(template, reference, tmp_path):
+    """The exports and packages fit; then the disk fills up and the bundle (about 90 kB, written twice:
+    merged, then copied into place) finds 40 kB."""
+    p = template.copy(tmp_path / "project")
+    art = p.root / "artifacts"
+    with tmpfs(art, "20m"):
+        p.doit("convert_coreml")
+        assert p.ran() == KILL_STEPS - {"bundle_coreml:student"}, p.last_build()
+        cache_before = file_digests(p.root / ".cache", skip=("tmp/", "lock"))
+        filler = _fill(art, 40 * 1024)
+        r = p.doit(check=False)
+        assert r.returncode != 0, _out(r)
+        no_traceback(r)
+        errors = set(error_lines(r))  # doit echoes a step's error once
+        bundle = art / "student" / "student.mlpackage"
+        assert len(errors) == 1, _out(r)
+        error = errors.pop()
+        assert error.startswith(f"error: {bundle}: output folder: No space left on device (writing {art / 'student'}/"), _out(r)
+        assert p.last_build()["bundle_coreml:student"] == "failed"
+        # nothing partial: no bundle, manifest or contract, no temporary, no cache entry for the bundle
+        model = art / "student"
+        assert not (model / "student.mlpackage").exists()
+        assert not (model / "student.mlpackage.manifest.json").exists()
+        assert not (model / "contract.json").exists()
+        assert not _leftovers(art), _leftovers(art)
+        assert file_digests(p.root / ".cache", skip=("tmp/", "lock")) == cache_before
+        check_cache(p.root / ".cache")
+        filler.unlink()  # room again: only the bundle runs, and it has a clean build's bytes
+        r = p.doit(check=False)
+        assert r.returncode == 0, _out(r)
+        assert p.ran() == {"bundle_coreml:student"}, p.last_build()
+        assert p.artifact_digests() == reference
+        assert not _leftovers(art), _leftovers(art)
+    check_cache(p.root / ".cache")
+
+
+def test_disk_full_during_a_cache_restore(built, reference, tmp_path):
+    """A fresh checkout sharing a full cache restores into a disk with 150 kB free: the export
+    (about 250 kB, copied: the cache is on another file system) does not fit. The restore gives
+    up with a warning, the step then fails to write it too; the cache keeps every entry (a full
+    disk is not a corrupt entry), and once there is room everything comes back from the cache."""
+    cache = tmp_path / "cache"
+    shutil.copytree(built.root / ".cache", cache)
+    env = {"MODEL_EXPORT_CACHE": str(cache)}
+    cache_before = file_digests(cache, skip=("tmp/", "lock"))
+    p = built.copy(tmp_path / "project")
+    shutil.rmtree(p.root / ".cache")
+    shutil.rmtree(p.root / ".export")  # a fresh checkout: no dependency file, no artifacts
+    shutil.rmtree(p.root / "artifacts")
+    art = p.root / "artifacts"
+    with tmpfs(art, "20m"):
+        filler = _fill(art, 150 * 1024)
+        r = p.doit(env=env, check=False)
+        assert r.returncode != 0, _out(r)
+        no_traceback(r)
+        warned = [ln for ln in r.stderr.splitlines() if "not restored" in ln]
+        assert len(warned) == 1 and "No space left on device" in warned[0], _out(r)
+        errors = error_lines(r)
+        assert errors and all("export_pytorch:student.prefill.T16" in e or "prefill_T16" in e for e in errors), _out(r)
+        assert any("No space left on device" in e for e in errors), _out(r)
+        assert p.last_build()["export_pytorch:student.prefill.T16"] == "failed"
+        exported = art / "student" / "exported"
+        assert not exported.exists() or not list(exported.iterdir()), list(exported.iterdir())
+        assert not _leftovers(art), _leftovers(art)
+        assert file_digests(cache, skip=("tmp/", "lock")) == cache_before, "the full disk cost cache entries"
+        assert not list((cache / "tmp").iterdir())
+        filler.unlink()
+        r = p.doit(env=env, check=False)
+        assert r.returncode == 0, _out(r)
+        no_traceback(r)
+        assert p.restored() == KILL_STEPS, p.last_build()
+        assert p.ran() <= {"prune_artifacts"}
+        assert p.artifact_digests() == reference
+        assert not _leftovers(art), _leftovers(art)
