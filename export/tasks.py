@@ -147,9 +147,7 @@ def setup(dodo_file: str, argv: list[str]) -> dict:
         "backend": "sqlite3",
         "check_file_uptodate": ContentChecker,
         "reporter": BuildReporter,
-        # Everything is reached from the bundles, depth first: each leaf's conversion runs right after its
-        # export, in the worker that still holds the exported program (export.steps.convert_coreml).
-        "default_tasks": ["bundle_coreml", "prune_artifacts"],
+        "default_tasks": ["checkpoint", "export_pytorch", "convert_coreml", "bundle_coreml", "prune_artifacts"],
         "verbosity": 1,
     }
 
@@ -467,12 +465,9 @@ def task_bundle_coreml():
         kwargs = {"packages": [str(p) for p in pkgs], "contracts": [str(c) for c in contracts], "out": str(out),
                   "contract_out": str(contract_out)}
         key = {"functions": [entry_name(mode, T) for mode, T in m.leaves()]}
-        task = _task("bundle_coreml", m.name, f"{m.name}: one multifunction package of {len(pkgs)} functions",
-                     kwargs, key, [out, manifest_of(out), contract_out], [manifest_of(out), contract_out],
-                     file_dep=[manifest_of(p) for p in pkgs] + contracts)
-        # Leaf by leaf (doit keeps file_dep as a set): each conversion right after its own export.
-        task["task_dep"] = [f"convert_coreml:{leaf(m, mode, T)}" for mode, T in m.leaves()]
-        yield task
+        yield _task("bundle_coreml", m.name, f"{m.name}: one multifunction package of {len(pkgs)} functions",
+                    kwargs, key, [out, manifest_of(out), contract_out], [manifest_of(out), contract_out],
+                    file_dep=[manifest_of(p) for p in pkgs] + contracts)
 
 
 def _expected_outputs() -> set[Path]:
