@@ -56,16 +56,17 @@ def reachable(address: str) -> str | None:
 
     parts = urlsplit(address if "://" in address else f"tcp://{address}")
     try:
-        parts.port
-    except ValueError:
-        return f"not a scheduler address {address!r} (expected tcp://host:port)"
-    if parts.scheme not in ("tcp", "tls") or not parts.hostname or not parts.port:
+        port = parts.port
+    except ValueError:  # not a number
+        port = None
+    if parts.scheme not in ("tcp", "tls") or not parts.hostname or not port:
         return f"not a scheduler address {address!r} (expected tcp://host:port)"
     try:
-        with socket.create_connection((parts.hostname, parts.port), timeout=10):
+        with socket.create_connection((parts.hostname, port), timeout=10):
             return None
     except OSError as e:
         return e.strerror or str(e)
+
 
 _client = None
 _client_pid = None
