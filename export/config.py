@@ -29,6 +29,7 @@ Every error names the file and the field. Imports no torch.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -142,6 +143,7 @@ def parse(table: object, *, root: Path, file: Path) -> Config:
         raise ExportError(f"unknown key(s) {unknown}; known: {sorted(TOP_KEYS)}", file=file, field=f"tool.export.{unknown[0]}")
     artifacts = root / _expect(table.get("artifacts", "artifacts"), str, file=file, field="tool.export.artifacts")
     sets_file = root / _expect(table.get("shape_sets", "shape_sets.json"), str, file=file, field="tool.export.shape_sets")
+    artifacts = _artifacts_folder(artifacts, root=root, file=file, keep=[sets_file])
     models_raw = table.get("models")
     if models_raw is None:
         raise ExportError("no models: add at least one [[tool.export.models]]", file=file, field="tool.export.models")
@@ -156,12 +158,48 @@ def parse(table: object, *, root: Path, file: Path) -> Config:
             raise ExportError(f"duplicate model name {m.name!r} (also models[{seen[m.name]}])", file=file, field=f"tool.export.models[{i}].name")
         seen[m.name] = i
         models.append(m)
+    for i, m in enumerate(models):
+        if not m.is_demo:
+            _outside_artifacts(root / m.checkpoint, artifacts, file=file, field=f"tool.export.models[{i}].checkpoint",
+                               what=f"the checkpoint of model {m.name!r}")
     cache = _cache(table.get("cache", {}), root=root, file=file)
     budget = table.get("memory_budget_mb")
     if budget is not None and (_expect(budget, int, file=file, field="tool.export.memory_budget_mb") <= 0):
         raise ExportError(f"must be a positive number of MB, got {budget}", file=file, field="tool.export.memory_budget_mb")
     return Config(root=root, artifacts=artifacts, shape_sets_file=sets_file, models=tuple(models), cache=cache,
                   memory_budget_mb=budget, dask=_dask(table.get("dask", {}), file=file))
+
+
+# What an artifacts folder may never hold: the build prunes there, and a project file in it could be
+# taken for an output (the promise: the build never deletes or alters a file it did not write).
+PROJECT_FILES = ("pyproject.toml", "dodo.py", "export", ".export", ".git")
+
+
+def _inside(p: Path, folder: Path) -> bool:
+    return p == folder or folder in p.parents
+
+
+def _artifacts_folder(artifacts: Path, *, root: Path, file, keep: list[Path]) -> Path:
+    """The artifacts folder, resolved: a folder of its own inside the project, holding none of its files."""
+    at = "tool.export.artifacts"
+    resolved = Path(os.path.realpath(artifacts))
+    if not _inside(resolved, root) or resolved == root:
+        where = "the project folder itself" if resolved == root else f"{resolved}, outside the project folder {root}"
+        raise ExportError(f"the artifacts folder is {where}: give a folder of its own inside the project "
+                          "(e.g. \"artifacts\")", file=file, field=at)
+    for name in PROJECT_FILES:
+        if _inside(resolved, root / name) or _inside(root / name, resolved):
+            raise ExportError(f"the artifacts folder {resolved.relative_to(root)} {'is inside' if _inside(resolved, root / name) else 'holds'} "
+                              f"the project's {name}: give a folder of its own (e.g. \"artifacts\")", file=file, field=at)
+    for p in keep:
+        _outside_artifacts(p, resolved, file=file, field=at, what=f"the project's {p.name}")
+    return resolved
+
+
+def _outside_artifacts(p: Path, artifacts: Path, *, file, field: str, what: str) -> None:
+    if _inside(Path(os.path.realpath(p)), artifacts):
+        raise ExportError(f"{what} ({p}) is inside the artifacts folder {artifacts}: the build writes and prunes "
+                          "there; keep inputs outside it", file=file, field=field)
 
 
 def _dask(raw, *, file) -> DaskConfig:

@@ -26,7 +26,7 @@ from doit.tools import config_changed
 
 from . import checkpoint_files
 from . import config as config_mod
-from . import depfile, lock
+from . import depfile, lock, written
 from .contract import entry_name
 from .digest import StatCache, bytes_digest
 from .errors import ExportError
@@ -230,9 +230,13 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
     akey = action_key(key, inputs)
     cache = _cache()
     nightly = os.environ.get("MODEL_EXPORT_NIGHTLY") == "1"
+    state = S.config.root / STATE_DIR
+    # before anything is written: where this step's outputs and their temporaries may appear
+    written.intend(state, rels + ([_rel(Path(kwargs["out_dir"]) / ".write-check")] if "out_dir" in kwargs else []))
     if not nightly:
         restored = cache.get(akey, S.config.root, rels)
         if restored is not None:
+            written.wrote(state, restored)
             return {"outputs": restored, "restored": True, "action_key": akey,
                     "sizes": {rel: _size(p) for rel, p in zip(rels, outputs)}}
     log = S.config.root / STATE_DIR / "logs" / f"{task_name.replace(':', '__')}.log"
@@ -254,6 +258,7 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
     if missing:
         return TaskFailed(f"error: {task_name}: the step did not write {missing} (log: {log})")
     digests = {rel: _stat().any(p) for rel, p in zip(rels, outputs)}
+    written.wrote(state, digests)
     sizes = {rel: _size(p) for rel, p in zip(rels, outputs)}
     values = {"outputs": digests, "sizes": sizes, "action_key": akey, "seconds": seconds, "peak_mb": measured["peak_mb"],
               "reserved_mb": need, "started": wall, "ended": ended}
@@ -307,6 +312,8 @@ def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], 
     if "error" in result:
         return TaskFailed(f"{result['error']} (on {result.get('worker')}; log: {log})")
     restored = cache.get(result["key"], root, rels)
+    if restored is not None:
+        written.wrote(root / STATE_DIR, restored)
     if restored != result["digests"]:
         return TaskFailed(f"error: {task_name}: its outputs could not be restored from the shared cache "
                           f"{cache.remote_url} (entry {result['key']})")
@@ -485,41 +492,88 @@ def _expected_outputs() -> set[Path]:
     return out
 
 
-# Temporaries of atomic writes (export.atomic: .tmp), of cache restores (export.cache: .restore, .old) and
-# of the bundle's merge (export.bundle: .merge).
+# Temporaries of atomic writes (export.atomic: .<name>.*.tmp), of cache restores (export.cache: .restore,
+# .old) and of the bundle's merge (export.bundle: .merge), beside the output they stand for.
 # A full build runs prune_artifacts after every step it runs, under the project lock: none is being written.
 LEFTOVER_SUFFIXES = (".tmp", ".restore", ".old", ".merge")
+COMPACT_BYTES = 1 << 20  # the record of written outputs is compacted past this size
 
 
-def stale_outputs() -> list[Path]:
-    """Artifacts of leaves no longer in the config (a T removed, a format dropped, a model renamed), and
-    temporaries a killed build left."""
-    expected = _expected_outputs()
-    stale = []
-    for model in sorted(S.config.artifacts.glob("*/")):
-        for d in (model, model / "exported", model / "coreml"):  # what a killed build left half-written
-            stale += [p for p in sorted(d.glob(".*")) if p.name.endswith(LEFTOVER_SUFFIXES)]
-        for sub in ("exported", "coreml"):
-            for p in sorted((model / sub).glob("*")):
-                if p not in expected and not p.name.startswith("."):  # dot-names: a step's temporaries
-                    stale.append(p)
-    return stale
+def _leftovers(rec: "written.Record") -> list[Path]:
+    """Temporaries a killed build left beside an output it meant to write: ``.<output name>.<random><suffix>``."""
+    by_dir: dict[Path, set[str]] = {}
+    for rel in rec.intents | set(rec.wrote):
+        p = S.config.root / rel
+        by_dir.setdefault(p.parent, set()).add(p.name)
+    out = []
+    for d, names in sorted(by_dir.items()):
+        try:
+            entries = sorted(os.listdir(d))
+        except OSError:
+            continue
+        for e in entries:
+            if e.startswith(".") and e.endswith(LEFTOVER_SUFFIXES) and any(e.startswith(f".{n}.") for n in names):
+                out.append(d / e)
+    return out
+
+
+def stale_outputs() -> tuple[list[Path], list[Path]]:
+    """(outputs the build wrote that the config no longer makes: a T removed, a format dropped, a model
+    renamed; temporaries a killed build left). Only paths in the build's record (export.written): a file
+    the build never wrote is never listed."""
+    rec = written.read(S.config.root / STATE_DIR)
+    expected = {_rel(p) for p in _expected_outputs()}
+    stale = [S.config.root / rel for rel in sorted(rec.wrote) if rel not in expected
+             and (os.path.lexists(S.config.root / rel))]
+    return stale, _leftovers(rec)
 
 
 def _prune() -> dict:
     from .atomic import remove
 
-    gone = stale_outputs()
-    for p in gone:
+    state = S.config.root / STATE_DIR
+    rec = written.read(state)
+    stale, leftovers = stale_outputs()
+    gone, kept = [], []
+    for p in stale:
+        rel = _rel(p)
+        try:
+            same = not p.is_symlink() and _stat().any(p) == rec.wrote[rel]
+        except OSError:
+            same = False
+        if same:
+            remove(p)
+            print(f"prune_artifacts: removed {rel} (no longer in the config)", file=sys.stderr, flush=True)
+            gone.append(rel)
+        else:
+            print(f"prune_artifacts: left {rel} alone: it is no longer in the config, but it changed since the "
+                  "build wrote it", file=sys.stderr, flush=True)
+            kept.append(rel)
+    for p in leftovers:
         remove(p)
-    return {"removed": [_rel(p) for p in gone]}
+        print(f"prune_artifacts: removed {_rel(p)} (a temporary an interrupted build left)", file=sys.stderr, flush=True)
+        gone.append(_rel(p))
+    # forget what is settled: removed or given up outputs, intents of paths the config no longer makes
+    expected = {_rel(p) for p in _expected_outputs()}
+    done = [rel for rel in sorted(rec.intents | set(rec.wrote)) if rel not in expected
+            and (rel in gone or rel in kept or not os.path.lexists(S.config.root / rel))]
+    written.removed(state, done)
+    if written.size(state) > COMPACT_BYTES:
+        written.rewrite(state, written.read(state))
+    return {"removed": gone, "left": kept}
+
+
+def _nothing_to_prune() -> bool:
+    stale, leftovers = stale_outputs()
+    return not stale and not leftovers
 
 
 def task_prune_artifacts():
-    """Remove artifacts of leaves that are no longer in the config, so artifacts/ holds no stale file."""
+    """Remove outputs the build wrote for leaves no longer in the config (and temporaries of killed builds);
+    never a file the build did not write."""
     return {
         "actions": [_prune],
         "task_dep": ["bundle_coreml"],
-        "uptodate": [lambda: not stale_outputs()],
+        "uptodate": [_nothing_to_prune],
         "verbosity": 1,
     }

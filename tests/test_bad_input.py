@@ -203,6 +203,13 @@ CASES = [
                                          "(even with a doit.cfg) before dodo.py is imported and does not catch "
                                          "tomllib.TOMLDecodeError: its traceback reaches the user; only a wrapper "
                                          "around doit's entry point could catch it")),
+    # an artifacts folder holding the project's own files, or outside the project (issue #20)
+    ("config-artifacts-in-package", edit_toml('artifacts = "artifacts"', 'artifacts = "export"'), PY, "tool.export.artifacts"),
+    ("config-artifacts-project-root", edit_toml('artifacts = "artifacts"', 'artifacts = "."'), PY, "tool.export.artifacts"),
+    ("config-artifacts-absolute-outside", edit_toml('artifacts = "artifacts"', 'artifacts = "/tmp/model-export-artifacts"'), PY, "tool.export.artifacts"),
+    ("config-artifacts-dotdot", edit_toml('artifacts = "artifacts"', 'artifacts = "../elsewhere"'), PY, "tool.export.artifacts"),
+    ("config-artifacts-holds-checkpoints", edit_toml('artifacts = "artifacts"', 'artifacts = "checkpoints"'), PY, "checkpoint"),
+    ("config-artifacts-state-folder", edit_toml('artifacts = "artifacts"', 'artifacts = ".export/out"'), PY, "tool.export.artifacts"),
     ("config-unknown-top-key", edit_toml('artifacts = "artifacts"', 'artifacts = "artifacts"\ncolour = "red"'), PY, "tool.export.colour"),
     ("config-unknown-model-key", add_model_key('colour = "red"'), PY, f"{M0}.colour"),
     ("config-artifacts-not-a-string", edit_toml('artifacts = "artifacts"', "artifacts = 3"), PY, "tool.export.artifacts"),
