@@ -42,10 +42,12 @@ from pathlib import Path
 import xxhash
 
 from .digest import CHUNK, file_digest
+from .digest import bytes_digest as bytes_digest_of
 from .errors import ExportError, cli_errors
 
 SCHEMA = 1
 GRACE_SECONDS = 3600.0  # gc never deletes a blob or temporary file younger than this
+STORE_CONNECT_TIMEOUT = 2  # seconds to reach an S3 store before it counts as unreachable for the build
 _HEX = re.compile(r"[0-9a-f]{32}\Z")
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}\Z")
 
@@ -115,7 +117,14 @@ class _Remote:
         import fsspec
 
         self.url = url
-        self.fs, self.base = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        options = dict(storage_options or {})
+        if url.split("://", 1)[0] in ("s3", "s3a"):
+            # an unreachable store costs a few seconds, once (Cache stops using it after the first failure);
+            # botocore's defaults (60 s connect timeout, retries with backoff) made a build wait ~10 s
+            config = {"connect_timeout": STORE_CONNECT_TIMEOUT, "retries": {"max_attempts": 2, "mode": "standard"},
+                      **options.get("config_kwargs", {})}
+            options["config_kwargs"] = config
+        self.fs, self.base = fsspec.core.url_to_fs(url, **options)
         self.base = self.base.rstrip("/")
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.create_only = bool({"s3", "s3a"} & set(protocols))
@@ -136,16 +145,19 @@ class _Remote:
         except FileNotFoundError:
             raise _Bad(f"remote blob {digest} is missing") from None
 
-    def upload(self, src: Path, kind: str, name: str, *, skip_existing: bool) -> None:
-        """Publish ``src`` as kind/name atomically; an existing one is left alone."""
+    def upload(self, src: Path, kind: str, name: str, *, skip_existing: bool, replace: bool = False) -> None:
+        """Publish ``src`` as kind/name atomically; an existing one is left alone, unless ``replace`` (a blob
+        found corrupt: its good bytes go over it, still atomically: a whole-object put on S3, a rename elsewhere)."""
         dst = self.path(kind, name)
-        if skip_existing and self.fs.exists(dst):
+        if skip_existing and not replace and self.fs.exists(dst):
             return
         if self.create_only:
             try:
-                self.fs.put_file(str(src), dst, mode="create")
-            except FileExistsError:
-                pass  # another machine published it first: same content (blob) or an equivalent entry
+                self.fs.put_file(str(src), dst, **({} if replace else {"mode": "create"}))
+            except Exception as e:
+                if not _already_there(e):
+                    raise
+                # another machine published it first: same content (blob) or an equivalent entry
             return
         tmp = f"{self.base}/tmp/{uuid.uuid4().hex}"
         self.fs.makedirs(f"{self.base}/tmp", exist_ok=True)
@@ -188,9 +200,22 @@ class Cache:
         self.link = link
         self.storage_options = storage_options
         self.hits = self.misses = self.corrupt = self.published = 0
+        self.uploaded = 0  # entries this process put in the shared store (pending ones included)
         self._remote: _Remote | None = None
         self._disabled: str | None = None  # why the local cache is unusable, once known
-        self._remote_disabled = False
+        self._remote_disabled = False  # unreachable: not tried again by this process
+        self._bad_remote_blobs: set[str] = set()  # found corrupt or missing in the store: uploaded over it
+
+    def _remote_failed(self, e: BaseException, message: str) -> None:
+        """A remote operation failed: an unreachable store is given up for the rest of the build, said once."""
+        if _unreachable(e):
+            if not self._remote_disabled:
+                self._remote_disabled = True
+                self.log(f"warning: remote cache unavailable: {self.remote_url}: {_why(e)}; not tried again in this "
+                         "build (the local cache serves; entries built meanwhile are uploaded at the next build "
+                         "that reaches it)")
+            return
+        self.log(f"{message}: {_why(e)}")
 
     @classmethod
     def from_settings(cls, *, local: str | Path | None, remote: str | None, read_only: bool = False,
@@ -333,7 +358,7 @@ class Cache:
             try:
                 data = remote.read_manifest(key) if remote is not None else None
             except Exception as e:
-                self.log(f"warning: remote cache unavailable: {_why(e)}")
+                self._remote_failed(e, "warning: remote cache unavailable")
                 data = None
         if data is None:
             return None
@@ -375,7 +400,7 @@ class Cache:
             except _Bad:
                 return None
             except Exception as e:
-                self.log(f"warning: remote cache unavailable: {_why(e)}")
+                self._remote_failed(e, "warning: remote cache unavailable")
                 return None
             if m is None:
                 return None
@@ -409,8 +434,13 @@ class Cache:
                     continue
                 tmp = self._tmp()
                 try:
-                    got, got_size = remote.download(digest, tmp)
+                    try:
+                        got, got_size = remote.download(digest, tmp)
+                    except _Bad:
+                        self._bad_remote_blobs.add(digest)
+                        raise
                     if (got, got_size) != (digest, size):
+                        self._bad_remote_blobs.add(digest)  # the next put of these bytes replaces it
                         raise _Bad(f"remote blob {digest} does not match its digest")
                     self._install(tmp, self._blob(digest), 0o444)
                 finally:
@@ -429,7 +459,7 @@ class Cache:
                     pass
             return None
         except Exception as e:  # an unreachable store is a miss, never a failed build
-            self.log(f"warning: remote cache unavailable: {_why(e)}")
+            self._remote_failed(e, "warning: remote cache unavailable")
             self._remote_disabled = True
             return None
 
@@ -544,17 +574,71 @@ class Cache:
                 files[p.relative_to(path).as_posix()] = {"digest": digest, "size": size}
         return {"type": "dir", "files": dict(sorted(files.items()))}
 
-    def _push(self, key: str, manifest: dict) -> None:
-        """Write-through: the blobs, then the manifest, each atomic; failures only warn."""
+    def _push(self, key: str, manifest: dict) -> bool:
+        """Write-through: the blobs, then the manifest, each atomic; failures only warn. An entry that could
+        not be uploaded is marked pending (``pending/``): the next build that reaches the store uploads it."""
         remote = self._remote_store()
         if remote is None:
-            return
+            self._mark_pending(key)
+            return False
         try:
             for digest in _blobs(manifest):
-                remote.upload(self._blob(digest), "cas", digest, skip_existing=True)
+                replace = digest in self._bad_remote_blobs
+                remote.upload(self._blob(digest), "cas", digest, skip_existing=True, replace=replace)
+                if replace:
+                    self._bad_remote_blobs.discard(digest)
+                    self.log(f"remote cache: blob {digest} replaced by its good bytes")
             remote.upload(self._manifest(key), "ac", key, skip_existing=False)
         except Exception as e:
-            self.log(f"warning: remote cache not writable: {_why(e)}; published locally only")
+            self._remote_failed(e, "warning: remote cache not writable")
+            if not _unreachable(e):
+                self.log("  (published locally only; uploaded at the next build that reaches the store)")
+            self._mark_pending(key)
+            return False
+        self.uploaded += 1
+        return True
+
+    def _pending_dir(self) -> Path:
+        return self.root / "pending" / bytes_digest_of((self.remote_url or "").encode())
+
+    def _mark_pending(self, key: str) -> None:
+        try:
+            d = self._pending_dir()
+            d.mkdir(parents=True, exist_ok=True)
+            (d / key).touch()
+        except OSError:
+            pass
+
+    def pending(self) -> list[str]:
+        """Keys of entries published locally only while the shared store was out of reach."""
+        if not self.remote_url or self.read_only:
+            return []
+        try:
+            return sorted(os.listdir(self._pending_dir()))
+        except OSError:
+            return []
+
+    def upload_pending(self) -> int:
+        """Upload the entries marked pending, if the store is reachable now; returns how many went up."""
+        done = 0
+        for key in self.pending():
+            if self._remote_store() is None:
+                break
+            marker = self._pending_dir() / key
+            data = self._read_local(key) if _KEY.match(key) else None
+            try:
+                manifest = _parse(data, key, None) if data is not None else None
+            except _Bad:
+                manifest = None
+            if manifest is None:
+                marker.unlink(missing_ok=True)  # gone from the local cache since: nothing to upload
+                continue
+            with self._locked():
+                ok = self._push(key, manifest)
+            if ok:
+                marker.unlink(missing_ok=True)
+                done += 1
+        return done
 
     def remote_has(self, key: str) -> bool:
         """Whether the remote store holds entry ``key`` (False without a reachable remote)."""
@@ -564,7 +648,7 @@ class Cache:
         try:
             return remote.read_manifest(key) is not None
         except Exception as e:
-            self.log(f"warning: remote cache unavailable: {_why(e)}")
+            self._remote_failed(e, "warning: remote cache unavailable")
             return False
 
     def _remote_store(self) -> _Remote | None:
@@ -592,6 +676,8 @@ class Cache:
                 out["remote"] = remote.stats()
             except Exception as e:
                 out["remote"] = {"error": _why(e)}
+        if self.pending():
+            out["pending"] = len(self.pending())
         return out
 
     def gc(self, *, keep_keys: set[str], max_bytes: int | None, grace: float = GRACE_SECONDS) -> dict:
@@ -735,6 +821,41 @@ def _files(top: Path):
                 continue
             if stat.S_ISREG(st.st_mode):
                 yield p, st
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _already_there(e: BaseException) -> bool:
+    """A create-only write refused because the object exists: FileExistsError (moto's answer, through s3fs),
+    or any 412 Precondition Failed, whatever its body says (SeaweedFS sends no <Condition>, and s3fs then
+    raises a plain OSError)."""
+    for x in _chain(e):
+        if isinstance(x, FileExistsError):
+            return True
+        response = getattr(x, "response", None)
+        if isinstance(response, dict):
+            meta, err = response.get("ResponseMetadata") or {}, response.get("Error") or {}
+            if meta.get("HTTPStatusCode") == 412 or err.get("Code") in ("PreconditionFailed", "412"):
+                return True
+    return False
+
+
+def _unreachable(e: BaseException) -> bool:
+    """The store cannot be reached at all (refused, timed out, no such host), as opposed to one refused request."""
+    for x in _chain(e):
+        if isinstance(x, (ConnectionError, TimeoutError, socket.gaierror)):
+            return True
+        name = type(x).__name__
+        if any(w in name for w in ("EndpointConnectionError", "ConnectTimeout", "ConnectionClosed", "ClientConnector",
+                                   "ServerTimeout", "ReadTimeout", "ServerDisconnected")):
+            return True
+    return False
 
 
 def _why(e: BaseException) -> str:
