@@ -28,7 +28,7 @@ from . import atomic
 # What a task's values add to its record: output digests and sizes, the step's
 # own seconds and peak memory, the action key, the nightly's verdict, and the Dask worker that ran it.
 KEPT = ("outputs", "sizes", "peak_mb", "reserved_mb", "started", "ended", "action_key", "reproducible", "cached",
-        "worker")
+        "worker", "uploaded")
 HEARTBEAT = 60.0  # seconds between "still running" lines when not on a terminal
 
 
@@ -208,8 +208,10 @@ class BuildReporter(ConsoleReporter):
             counts[r["status"]] = counts.get(r["status"], 0) + 1
         order = ("built", "restored", "up-to-date", "failed", "not-run")
         said = ", ".join(f"{counts[s]} {s.replace('-', ' ')}" for s in order if counts.get(s))
+        uploaded = sum(r.get("uploaded") or 0 for r in self.records.values())
+        shared = f"; {uploaded} entr{'y' if uploaded == 1 else 'ies'} to the shared store" if uploaded else ""
         report = f"; report: {self.record_path.parent / 'report.html'}" if self.record_path is not None else ""
-        lines.append(f"{len(self.records)} tasks: {said} in {seconds:.1f}s{report}\n")
+        lines.append(f"{len(self.records)} tasks: {said} in {seconds:.1f}s{shared}{report}\n")
         return "\n".join(lines)
 
 

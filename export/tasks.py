@@ -201,6 +201,11 @@ def _cache():
         c = S.config.cache
         S.cache = Cache.from_settings(local=c.local, remote=c.remote, read_only=c.read_only,
                                       log=lambda msg: print(msg, file=sys.stderr))
+        if S.cache.pending():  # entries published locally only while the shared store was out of reach
+            n = S.cache.upload_pending()
+            if n:
+                print(f"remote cache: uploaded {n} entr{'y' if n == 1 else 'ies'} built while {S.cache.remote_url} "
+                      "was out of reach", file=sys.stderr)
     return S.cache
 
 
@@ -267,7 +272,10 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
         values["cached"] = cached
         values["reproducible"] = None if cached is None else cached == digests
     if not nightly or values["reproducible"] is not False:  # never publish bytes that contradict the cache
+        before = cache.uploaded
         cache.put(akey, S.config.root, rels, {"task": task_name, "seconds": seconds, "toolchain": key["tools"]})
+        if cache.uploaded > before:
+            values["uploaded"] = cache.uploaded - before
     return values
 
 

@@ -136,3 +136,51 @@ def test_the_cache_settings_reach_seaweedfs_from_the_environment(store, tmp_path
     cache = Cache.from_settings(local=tmp_path / "local", remote=None, log=logs.append)
     cache.put("k1", make_outputs(tmp_path / "a"), OUTS, {})
     assert cache.stats()["remote"]["entries"] == 1 and logs == []
+
+
+# --- through the real doit ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_project(tmp_path_factory):
+    from faults import TINY_TOML, create_tiny
+    from scenario import project_toml
+
+    p = create_tiny(tmp_path_factory.mktemp("sw-doit") / "template")
+    text = TINY_TOML.replace('shape_set = "tiny"', 'shape_set = "tiny"\nmodes = ["prefill"]')
+    (p.root / "pyproject.toml").write_text(project_toml(text, name="seaweedfs"))
+    return p
+
+
+def _entries(fs, url) -> int:
+    fs.invalidate_cache()
+    return len([k for k in fs.find(url) if "/ac/" in k])
+
+
+def test_doit_publishes_restores_and_uploads_late_on_seaweedfs(tiny_project, store, tmp_path):
+    url, fs, env = store
+    remote = {**env, "MODEL_EXPORT_REMOTE_CACHE": url}
+    a = tiny_project.copy(tmp_path / "a")
+    r = a.doit(env=remote)
+    assert "warning" not in r.stderr, r.stderr
+    assert "3 entries to the shared store" in r.stdout, r.stdout
+    assert _entries(fs, url) == 3
+
+    # a fresh checkout with an empty local cache restores every step from the store
+    fresh = tiny_project.copy(tmp_path / "fresh")
+    fresh.doit(env={**remote, "MODEL_EXPORT_CACHE": str(tmp_path / "fresh-cache")})
+    assert fresh.ran() <= {"prune_artifacts"} and len(fresh.restored()) == 3
+    assert fresh.artifact_digests() == a.artifact_digests()
+
+    # an outage: one warning, entries kept locally; the next build that uses the store uploads them
+    fs.rm(url, recursive=True)
+    down = tiny_project.copy(tmp_path / "down")
+    started = time.monotonic()
+    r = down.doit(env={**remote, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
+    assert [ln for ln in r.stderr.splitlines() if "warning" in ln] == [
+        next(ln for ln in r.stderr.splitlines() if ln.startswith("warning: remote cache unavailable"))], r.stderr
+    assert _entries(fs, url) == 0
+    (down.root / "artifacts/student/student.mlpackage.manifest.json").unlink()  # something for the next build to do
+    r = down.doit(env=remote)
+    assert "remote cache: uploaded 3 entries" in r.stderr, r.stderr
+    assert _entries(fs, url) == 3
