@@ -206,7 +206,7 @@ class Cache:
         self._remote_disabled = False  # unreachable: not tried again by this process
         self._bad_remote_blobs: set[str] = set()  # found corrupt or missing in the store: uploaded over it
 
-    def _remote_failed(self, e: BaseException, message: str) -> None:
+    def _remote_failed(self, e: BaseException, message: str, tail: str = "") -> None:
         """A remote operation failed: an unreachable store is given up for the rest of the build, said once."""
         if _unreachable(e):
             if not self._remote_disabled:
@@ -215,7 +215,7 @@ class Cache:
                          "build (the local cache serves; entries built meanwhile are uploaded at the next build "
                          "that reaches it)")
             return
-        self.log(f"{message}: {_why(e)}")
+        self.log(f"{message}: {_why(e)}{tail}")
 
     @classmethod
     def from_settings(cls, *, local: str | Path | None, remote: str | None, read_only: bool = False,
@@ -590,9 +590,8 @@ class Cache:
                     self.log(f"remote cache: blob {digest} replaced by its good bytes")
             remote.upload(self._manifest(key), "ac", key, skip_existing=False)
         except Exception as e:
-            self._remote_failed(e, "warning: remote cache not writable")
-            if not _unreachable(e):
-                self.log("  (published locally only; uploaded at the next build that reaches the store)")
+            self._remote_failed(e, "warning: remote cache not writable",
+                                "; published locally only (uploaded at the next build that can write there)")
             self._mark_pending(key)
             return False
         self.uploaded += 1
