@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import shape_sets as shape_sets_mod
-from .coreml_options import CoreMLOptions
+from .coreml_options import STATEFUL_TARGETS, CoreMLOptions
 from .errors import ExportError
 from .models.names import ARCHITECTURE_MODES, ARCHITECTURE_NAMES, DEMO_ARCHITECTURES
 
@@ -156,8 +156,15 @@ def parse(table: object, *, root: Path, file: Path) -> Config:
         m = _model(raw, i, sets=sets, sets_file=sets_file, file=file)
         if m.name in seen:
             raise ExportError(f"duplicate model name {m.name!r} (also models[{seen[m.name]}])", file=file, field=f"tool.export.models[{i}].name")
+        # names become folder names: macOS's case-insensitive disks, where the artifacts are opened, merge these
+        same = next((j for n, j in seen.items() if n.lower() == m.name.lower()), None)
+        if same is not None:
+            raise ExportError(f"model name {m.name!r} differs from models[{same}]'s {models[same].name!r} only in case: "
+                              "their folders would be one on a case-insensitive disk (macOS)", file=file,
+                              field=f"tool.export.models[{i}].name")
         seen[m.name] = i
         models.append(m)
+    _check_set_modes(sets, models, sets_file=sets_file)
     for i, m in enumerate(models):
         if not m.is_demo:
             _outside_artifacts(root / m.checkpoint, artifacts, file=file, field=f"tool.export.models[{i}].checkpoint",
@@ -200,6 +207,24 @@ def _outside_artifacts(p: Path, artifacts: Path, *, file, field: str, what: str)
     if _inside(Path(os.path.realpath(p)), artifacts):
         raise ExportError(f"{what} ({p}) is inside the artifacts folder {artifacts}: the build writes and prunes "
                           "there; keep inputs outside it", file=file, field=field)
+
+
+def _check_set_modes(sets: dict, models: list, *, sets_file: Path) -> None:
+    """A mode in a shape set that no architecture has, or that no model using the set has, is an error (it
+    would be silently ignored)."""
+    known = sorted({mode for modes in ARCHITECTURE_MODES.values() for mode in modes})
+    for name, modes in sets.items():
+        users = [m for m in models if m.shape_set == name]
+        have = {mode for m in users for mode in ARCHITECTURE_MODES[m.architecture]}
+        for mode in modes:
+            if mode not in known:
+                raise ExportError(f"unknown mode {mode!r}; the architectures have {known}", file=sets_file,
+                                  field=f"{name}.{mode}")
+            if users and mode not in have:
+                archs = sorted({m.architecture for m in users})
+                raise ExportError(f"mode {mode!r} is not a mode of {' or '.join(repr(a) for a in archs)} (the "
+                                  f"architecture of every model using shape set {name!r}): it would never be built",
+                                  file=sets_file, field=f"{name}.{mode}")
 
 
 def _dask(raw, *, file) -> DaskConfig:
@@ -268,5 +293,10 @@ def _model(raw, i, *, sets, sets_file, file) -> ModelConfig:
     if dtype not in ("fp32", "fp16"):
         raise ExportError(f"expected 'fp32' or 'fp16', got {dtype!r}", file=file, field=f"{at}.dtype")
     coreml = CoreMLOptions.from_dict(raw.get("coreml", {}), file=file, field=f"{at}.coreml")
+    if coreml.compression != "none" and coreml.minimum_deployment_target not in STATEFUL_TARGETS:
+        # found before any step runs: else every leaf converts and the model's bundle fails at the end
+        raise ExportError(f"compressed packages merge into the model's bundle only when converted for "
+                          f"{' or '.join(STATEFUL_TARGETS)}: set coreml.minimum_deployment_target to one of them (got "
+                          f"{coreml.minimum_deployment_target!r})", file=file, field=f"{at}.coreml.compression")
     return ModelConfig(name=name, architecture=arch, checkpoint=checkpoint, shape_set=set_name, modes=modes,
                        enumerated_T=enumerated, formats=formats, convert_from=convert_from, dtype=dtype, coreml=coreml)

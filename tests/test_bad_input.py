@@ -213,6 +213,15 @@ CASES = [
     ("config-artifacts-dotdot", edit_toml('artifacts = "artifacts"', 'artifacts = "../elsewhere"'), PY, "tool.export.artifacts"),
     ("config-artifacts-holds-checkpoints", edit_toml('artifacts = "artifacts"', 'artifacts = "checkpoints"'), PY, "checkpoint"),
     ("config-artifacts-state-folder", edit_toml('artifacts = "artifacts"', 'artifacts = ".export/out"'), PY, "tool.export.artifacts"),
+    # combinations that cannot build, found before any step runs (issue #20)
+    ("config-compression-below-ios18", add_model_key('coreml = { compression = "palettize" }'), PY, f"{M0}.coreml.compression"),
+    ("config-linear-int8-macos14", add_model_key('coreml = { compression = "linear_int8", minimum_deployment_target = "macOS14" }'),
+     PY, f"{M0}.coreml.compression"),
+    ("config-names-equal-but-for-case", toml(SINGLE + "\n" + SINGLE.split("\n\n", 1)[1].replace('name = "student"', 'name = "Student"')),
+     PY, "tool.export.models[1].name"),
+    ("sets-mode-no-architecture-has", sets({"tiny": {"prefill": [16], "decode": [16], "train": [16]}}), SETS, "tiny.train"),
+    ("sets-mode-the-architecture-lacks", toml(SINGLE.replace('shape_set = "tiny"', 'shape_set = "tiny"\narchitecture = "judge"', 1)
+                                              .replace('architecture = "student"\n', '', 1)), SETS, "tiny.decode"),
     ("config-unknown-top-key", edit_toml('artifacts = "artifacts"', 'artifacts = "artifacts"\ncolour = "red"'), PY, "tool.export.colour"),
     ("config-unknown-model-key", add_model_key('colour = "red"'), PY, f"{M0}.colour"),
     ("config-artifacts-not-a-string", edit_toml('artifacts = "artifacts"', "artifacts = 3"), PY, "tool.export.artifacts"),
