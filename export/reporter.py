@@ -129,8 +129,8 @@ class BuildReporter(ConsoleReporter):
         self._ticker.start()
 
     def execute_task(self, task):
-        self._started[task.name] = time.monotonic()
-        if self._leaf(task):
+        if self._leaf(task):  # a group (no action) has nothing running: never "still running"
+            self._started[task.name] = time.monotonic()
             self.write(f"{self._counter()} start       {task.name}\n")
 
     def skip_uptodate(self, task):

@@ -164,3 +164,32 @@ def test_svg_layout_keeps_nodes_apart_and_bands_per_model():
     assert max(y + h for n, (x, y, w, h) in rects.items() if ":a" in n) < min(y for n, (x, y, w, h) in rects.items() if ":b" in n)
     width, height = float(root.get("width")), float(root.get("height"))
     assert all(x + w <= width and y + h <= height for x, y, w, h in rects.values())
+
+
+def test_group_tasks_never_show_as_still_running(monkeypatch):
+    """A group (``export_pytorch:T16``: no action, only task_dep) ends at once: no heartbeat names it
+    (issue #20: '... export_pytorch:T16 still running (60s)' came long after it was done)."""
+    import io
+    import time
+
+    from doit.task import Task
+
+    from export import reporter
+
+    monkeypatch.setattr(reporter, "HEARTBEAT", 0.3)
+    leaf = Task("export_pytorch:m.prefill.T16", actions=[(lambda: None, [], {})])
+    group = Task("export_pytorch:T16", actions=None, task_dep=[leaf.name])
+    slow = Task("convert_coreml:m.prefill.T16", actions=[(lambda: None, [], {})])
+    out = io.StringIO()
+    rep = reporter.BuildReporter(out, {})
+    rep.initialize({t.name: t for t in (leaf, group, slow)}, [group.name, slow.name])
+    for t in (leaf, group):
+        rep.execute_task(t)
+        rep.add_success(t)
+    rep.execute_task(slow)  # still running
+    time.sleep(2.5)
+    rep.add_success(slow)
+    rep.complete_run()
+    text = out.getvalue()
+    assert "convert_coreml:m.prefill.T16 still running" in text, text  # the heartbeat does run
+    assert "export_pytorch:T16 still running" not in text, text
