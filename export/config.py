@@ -293,6 +293,9 @@ def _model(raw, i, *, sets, sets_file, file) -> ModelConfig:
     if dtype not in ("fp32", "fp16"):
         raise ExportError(f"expected 'fp32' or 'fp16', got {dtype!r}", file=file, field=f"{at}.dtype")
     coreml = CoreMLOptions.from_dict(raw.get("coreml", {}), file=file, field=f"{at}.coreml")
+    if coreml.kv_cache == "state" and coreml.compute_precision != "fp16" and "decode" in modes:
+        raise ExportError("a stateful KV cache keeps fp16 state: use coreml.compute_precision = \"fp16\" (the "
+                          "decode conversion would fail)", file=file, field=f"{at}.coreml.kv_cache")
     if coreml.compression != "none" and coreml.minimum_deployment_target not in STATEFUL_TARGETS:
         # found before any step runs: else every leaf converts and the model's bundle fails at the end
         raise ExportError(f"compressed packages merge into the model's bundle only when converted for "

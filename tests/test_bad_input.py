@@ -217,6 +217,8 @@ CASES = [
     ("config-compression-below-ios18", add_model_key('coreml = { compression = "palettize" }'), PY, f"{M0}.coreml.compression"),
     ("config-linear-int8-macos14", add_model_key('coreml = { compression = "linear_int8", minimum_deployment_target = "macOS14" }'),
      PY, f"{M0}.coreml.compression"),
+    ("config-state-kv-cache-fp32", add_model_key('coreml = { kv_cache = "state", minimum_deployment_target = "iOS18", compute_precision = "fp32" }'),
+     PY, f"{M0}.coreml.kv_cache"),
     ("config-names-equal-but-for-case", toml(SINGLE + "\n" + SINGLE.split("\n\n", 1)[1].replace('name = "student"', 'name = "Student"')),
      PY, "tool.export.models[1].name"),
     ("sets-mode-no-architecture-has", sets({"tiny": {"prefill": [16], "decode": [16], "train": [16]}}), SETS, "tiny.train"),
