@@ -64,6 +64,11 @@ class _Refused(Exception):
     """The checkout cannot receive the outputs safely (a symlink on the way): a miss, the entry is kept."""
 
 
+class _Other(Exception):
+    """The entry is sound but names other outputs than asked for: a miss, the entry is kept (an entry is
+    deleted only when its own bytes are bad)."""
+
+
 def _relpath(rel: str) -> str:
     """``rel`` if it is a plain relative POSIX path that stays below its root, else ValueError."""
     if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or "\0" in rel:
@@ -313,22 +318,33 @@ class Cache:
 
     # --- get -------------------------------------------------------------------
 
-    def get(self, key: str, root: Path, outputs: list[str]) -> dict[str, str] | None:
-        """Restore the outputs of action ``key`` under ``root``: {relpath: digest}, or None on a miss."""
+    def get(self, key: str, root: Path, outputs: list[str], where: dict[str, str] | None = None
+            ) -> dict[str, str] | None:
+        """Restore the outputs of action ``key`` under ``root``: {relpath: digest}, or None on a miss.
+
+        ``outputs`` name the outputs as the entry does (their roles); ``where`` maps a name to the path
+        under ``root`` it goes to in this checkout (default: the name itself)."""
         _check_args(key, outputs)
+        where = where or {}
+        for rel in where.values():
+            _check_args(key, [rel])
         if not self._usable():
             self.misses += 1
             return None
         root = Path(root)
         with self._locked():
-            data, where = self._read_local(key), "local"
+            data = self._read_local(key)
             if data is None:
-                data, where = self._pull(key, outputs), "remote"
+                data = self._pull(key, outputs)
             if data is None:
                 self.misses += 1
                 return None
             try:
-                result = self._restore(root, _parse(data, key, outputs))
+                result = self._restore(root, _parse(data, key, outputs), where)
+            except _Other as e:
+                self.log(f"warning: cache entry {key} not used (kept): {e}")
+                self.misses += 1
+                return None
             except _Bad as e:
                 self._drop(key, e.blob)
                 self.log(f"warning: cache entry {key} dropped: {e}")
@@ -364,7 +380,7 @@ class Cache:
             return None
         try:
             m = _parse(data, key, outputs)
-        except _Bad:
+        except (_Bad, _Other):
             return None
         return {rel: o["digest"] if o["type"] == "file" else _tree_digest({k: f["digest"] for k, f in o["files"].items()})
                 for rel, o in m["outputs"].items()}
@@ -383,7 +399,7 @@ class Cache:
         if data is not None:
             try:
                 m = _parse(data, key, outputs)
-            except _Bad:
+            except (_Bad, _Other):
                 return None
             for digest, size in _blobs(m).items():
                 try:
@@ -397,7 +413,7 @@ class Cache:
             try:
                 data = remote.read_manifest(key) if remote is not None else None
                 m = _parse(data, key, outputs) if data is not None else None
-            except _Bad:
+            except (_Bad, _Other):
                 return None
             except Exception as e:
                 self._remote_failed(e, "warning: remote cache unavailable")
@@ -428,7 +444,10 @@ class Cache:
             data = remote.read_manifest(key)
             if data is None:
                 return None
-            manifest = _parse(data, key, outputs)
+            try:
+                manifest = _parse(data, key, outputs)
+            except _Other:
+                return None  # sound, but of other outputs: kept, and a miss
             for digest, size in _blobs(manifest).items():
                 if self._blob(digest).is_file():
                     continue
@@ -463,13 +482,14 @@ class Cache:
             self._remote_disabled = True
             return None
 
-    def _restore(self, root: Path, manifest: dict) -> dict[str, str]:
+    def _restore(self, root: Path, manifest: dict, where: dict[str, str]) -> dict[str, str]:
         """Stage every output beside its target, verify every digest, then rename all into place."""
         staged: list[tuple[Path, Path]] = []
         result = {}
         root.mkdir(parents=True, exist_ok=True)
         try:
-            for rel, out in manifest["outputs"].items():
+            for name, out in manifest["outputs"].items():
+                rel = where.get(name, name)
                 target = _safe_target(root, rel)
                 tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.restore"
                 if out["type"] == "file":
@@ -520,7 +540,7 @@ class Cache:
 
     # --- put -------------------------------------------------------------------
 
-    def put(self, key: str, root: Path, outputs: list[str], producer: dict) -> None:
+    def put(self, key: str, root: Path, outputs: list[str], producer: dict, where: dict[str, str] | None = None) -> None:
         """Publish the outputs of action ``key`` (blobs first, the manifest last); never fails the build.
 
         ``producer``: task, seconds, host (filled in), and ``toolchain`` (versions) if known.
@@ -534,7 +554,7 @@ class Cache:
         producer.setdefault("host", socket.gethostname())
         try:
             with self._locked():
-                entry = {rel: self._publish_output(root, rel) for rel in outputs}
+                entry = {rel: self._publish_output(root, (where or {}).get(rel, rel)) for rel in outputs}
                 manifest = {"schema": SCHEMA, "key": key, "outputs": entry, "producer": producer,
                             "toolchain": toolchain, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
                 tmp = self._tmp()
@@ -746,8 +766,11 @@ def _parse(data: bytes, key: str, outputs: list[str] | None) -> dict:
         if not isinstance(m, dict) or m.get("schema") != SCHEMA or m.get("key") != key:
             raise _Bad("manifest of another schema or key")
         outs = m["outputs"]
-        if outputs is not None and (not isinstance(outs, dict) or sorted(outs) != sorted(outputs)):
-            raise _Bad(f"manifest names outputs {sorted(outs)}, the task declares {sorted(outputs)}")
+        if not isinstance(outs, dict):
+            raise _Bad("manifest outputs are not a table")
+        if outputs is not None and sorted(outs) != sorted(outputs):
+            _parse(data, key, None)  # an entry that is bad in itself is still dropped
+            raise _Other(f"the entry names outputs {sorted(outs)}, the task declares {sorted(outputs)}")
         for rel, out in outs.items():
             _relpath(rel)
             files = {rel: out} if out["type"] == "file" else out["files"] if out["type"] == "dir" else None
@@ -758,7 +781,7 @@ def _parse(data: bytes, key: str, outputs: list[str] | None) -> dict:
                 if not (isinstance(f["digest"], str) and _HEX.match(f["digest"]) and type(f["size"]) is int):
                     raise _Bad(f"output {inner!r}: no valid digest and size")
         return m
-    except _Bad:
+    except (_Bad, _Other):
         raise
     except (ValueError, KeyError, TypeError) as e:
         raise _Bad(f"invalid manifest ({e})") from None

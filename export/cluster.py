@@ -231,13 +231,16 @@ def execute(request: dict) -> dict:
         digests = {rel: tree_digest(p) if p.is_dir() else file_digest(p)
                    for rel in outputs for p in [Path(scratch) / rel]}
         key, cached, reproducible = request["action_key"], None, None
+        roles = request.get("roles", outputs)  # the entry names outputs by role (export.tasks.role)
+        where = dict(zip(roles, outputs))
         if request["nightly"]:
-            cached = cache.peek(key, outputs)
+            cached = cache.peek(key, roles)
+            cached = None if cached is None else {where[r]: d for r, d in cached.items()}
             reproducible = None if cached is None else cached == digests
             if reproducible is False:  # never overwrite the cached bytes; hand these over under their own key
                 key = f"{key}.rebuilt"
-        cache.put(key, Path(scratch), outputs, {"task": task, "seconds": seconds, "toolchain": request["tools"],
-                                                "worker": _worker_name()})
+        cache.put(key, Path(scratch), roles, {"task": task, "seconds": seconds, "toolchain": request["tools"],
+                                              "worker": _worker_name()}, where)
         if not cache.remote_has(key):
             return failed(f"error: {task}: could not publish its outputs to the shared cache {request['remote']}"
                           + (f" ({'; '.join(warnings)})" if warnings else ""))

@@ -351,7 +351,12 @@ def run_plan(task_list, dep_manager, selection) -> list[Verdict]:
     c = T.S.config.cache
     cache = Cache.from_settings(local=c.local, remote=c.remote, read_only=True,
                                 log=lambda msg: print(msg, file=sys.stderr))
-    return Planner(task_list, dep_manager, cache.probe).plan(selection)
+    def probe(akey: str, outs: list[str]):  # the entry names outputs by role (export.tasks.role)
+        roles, where = T.output_roles(outs)
+        hit = cache.probe(akey, roles)
+        return None if hit is None else {where[r]: d for r, d in hit.items()}
+
+    return Planner(task_list, dep_manager, probe).plan(selection)
 
 
 class ReadOnlyStatCache(StatCache):

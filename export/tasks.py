@@ -209,14 +209,34 @@ def _cache():
     return S.cache
 
 
+def role(rel: str) -> str:
+    """What a file is to the build, whatever this checkout's ``artifacts`` setting: a path under the
+    artifacts folder is named from it (``artifacts/<model>/exported/prefill_T16.pt2``, the very path with
+    the default setting); any other path (a user's checkpoint) by itself. Cache keys and manifests use
+    roles, so that checkouts with different artifacts folders share entries (tests/test_cache_roles.py)."""
+    p = S.config.root / rel
+    try:
+        return "artifacts/" + p.relative_to(S.config.artifacts).as_posix()
+    except ValueError:
+        return rel
+
+
 def action_key(key: dict, inputs: list[str]) -> str:
     """The cache key of one action: its key dict plus the content digests of its input files."""
     return action_key_of(key, {rel: _stat().file(S.config.root / rel) for rel in inputs})
 
 
 def action_key_of(key: dict, digests: dict[str, str]) -> str:
-    """The cache key of one action from its input digests (``doit plan`` passes the digests it predicts)."""
-    return bytes_digest(json.dumps({"key": key, "inputs": digests}, sort_keys=True).encode())
+    """The cache key of one action from its input digests by path (``doit plan`` passes the digests it
+    predicts); the key holds them by role."""
+    by_role = {role(rel): d for rel, d in digests.items()}
+    return bytes_digest(json.dumps({"key": key, "inputs": by_role}, sort_keys=True).encode())
+
+
+def output_roles(rels: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(the roles of outputs ``rels``, role -> path): what ``Cache.get``/``put`` take."""
+    roles = [role(rel) for rel in rels]
+    return roles, dict(zip(roles, rels))
 
 
 def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: dict, inputs: list[str],
@@ -232,6 +252,7 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
     from . import worker
 
     rels = [_rel(p) for p in outputs]
+    roles, where = output_roles(rels)
     akey = action_key(key, inputs)
     cache = _cache()
     nightly = os.environ.get("MODEL_EXPORT_NIGHTLY") == "1"
@@ -239,7 +260,7 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
     # before anything is written: where this step's outputs and their temporaries may appear
     written.intend(state, rels + ([_rel(Path(kwargs["out_dir"]) / ".write-check")] if "out_dir" in kwargs else []))
     if not nightly:
-        restored = cache.get(akey, S.config.root, rels)
+        restored = cache.get(akey, S.config.root, roles, where)
         if restored is not None:
             written.wrote(state, restored)
             return {"outputs": restored, "restored": True, "action_key": akey,
@@ -268,12 +289,14 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
     values = {"outputs": digests, "sizes": sizes, "action_key": akey, "seconds": seconds, "peak_mb": measured["peak_mb"],
               "reserved_mb": need, "started": wall, "ended": ended}
     if nightly:
-        cached = cache.peek(akey, rels)
+        cached = cache.peek(akey, roles)
+        cached = None if cached is None else {where[r]: d for r, d in cached.items()}
         values["cached"] = cached
         values["reproducible"] = None if cached is None else cached == digests
     if not nightly or values["reproducible"] is not False:  # never publish bytes that contradict the cache
         before = cache.uploaded
-        cache.put(akey, S.config.root, rels, {"task": task_name, "seconds": seconds, "toolchain": key["tools"]})
+        cache.put(akey, S.config.root, roles, {"task": task_name, "seconds": seconds, "toolchain": key["tools"]},
+                  where)
         if cache.uploaded > before:
             values["uploaded"] = cache.uploaded - before
     return values
@@ -293,6 +316,7 @@ def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], 
 
     root, cache, pyproject = S.config.root, _cache(), S.config.root / "pyproject.toml"
     rels = [_rel(p) for p in outputs]
+    roles, where = output_roles(rels)
     if not cache.remote_url or cache.read_only:
         return TaskFailed(f"error: {pyproject}: tool.export.cache.remote: steps on the Dask cluster at {address} "
                           "need a shared cache that the workers reach and the build may write (a directory they "
@@ -307,7 +331,7 @@ def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], 
                               f"inputs to the shared cache {cache.remote_url}")
     try:
         request = {"step": step, "kwargs": cluster.to_request_paths(kwargs, root), "inputs_key": inputs_key,
-                   "inputs": input_rels, "outputs": rels, "action_key": akey, "nightly": nightly,
+                   "inputs": input_rels, "outputs": rels, "roles": roles, "action_key": akey, "nightly": nightly,
                    "remote": cache.remote_url, "root": str(root), "task": task_name, "tools": key["tools"],
                    "code": key["code"], "arch": arch}
         result = cluster.submit_and_wait(address, request, need, task_name)
@@ -319,7 +343,7 @@ def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], 
         print(f"{result.get('worker')}: {line}", file=sys.stderr)
     if "error" in result:
         return TaskFailed(f"{result['error']} (on {result.get('worker')}; log: {log})")
-    restored = cache.get(result["key"], root, rels)
+    restored = cache.get(result["key"], root, roles, where)
     if restored is not None:
         written.wrote(root / STATE_DIR, restored)
     if restored != result["digests"]:
