@@ -1,6 +1,6 @@
 """Cache entries keyed by content and role, not by where outputs land (issue #20).
 
-An action key holds its inputs by role (``export.tasks.role``: the path under the artifacts folder,
+An action key holds its inputs by role (``role`` in export/planner/tasks.py: the path under the artifacts folder,
 whatever that folder is), a manifest names each output by role, and a restore writes them where this
 checkout's config puts them. So changing ``artifacts`` restores every step, and two checkouts with
 different ``artifacts`` settings share one cache without deleting each other's entries."""

@@ -9,7 +9,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from export import graph
+from export.planner import graph
 from scenario import Project
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -174,7 +174,7 @@ def test_group_tasks_never_show_as_still_running(monkeypatch):
 
     from doit.task import Task
 
-    from export import reporter
+    from export.planner import reporter
 
     monkeypatch.setattr(reporter, "HEARTBEAT", 0.3)
     leaf = Task("export_pytorch:m.prefill.T16", actions=[(lambda: None, [], {})])

@@ -89,7 +89,7 @@ def size(state_dir: Path) -> int:
 
 def rewrite(state_dir: Path, rec: Record) -> None:
     """Replace the log by ``rec``: prune_artifacts compacts a long log, after every step of the build."""
-    from .atomic import write_text
+    from ..atomic import write_text
 
     lines = [{"intent": rel} for rel in sorted(rec.intents)]
     lines += [{"wrote": rel, "digest": d} for rel, d in sorted(rec.wrote.items())]
