@@ -124,6 +124,7 @@ class _Remote:
             config = {"connect_timeout": STORE_CONNECT_TIMEOUT, "retries": {"max_attempts": 2, "mode": "standard"},
                       **options.get("config_kwargs", {})}
             options["config_kwargs"] = config
+            options.setdefault("skip_instance_cache", True)  # s3fs would hand back an instance made for another endpoint
         self.fs, self.base = fsspec.core.url_to_fs(url, **options)
         self.base = self.base.rstrip("/")
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)

@@ -547,7 +547,7 @@ def _leftovers(rec: "written.Record") -> list[Path]:
 
 def stale_outputs() -> tuple[list[Path], list[Path]]:
     """(outputs the build wrote that the config no longer makes: a T removed, a format dropped, a model
-    renamed; temporaries a killed build left). Only paths in the build's record (export.written): a file
+    renamed; temporaries a killed build left). Only paths in the build's record (export/planner/written.py): a file
     the build never wrote is never listed."""
     rec = written.read(S.config.root / STATE_DIR)
     expected = {rel(p) for p in _expected_outputs()}
