@@ -157,6 +157,7 @@ def _entries(fs, url) -> int:
     return len([k for k in fs.find(url) if "/ac/" in k])
 
 
+@pytest.mark.slow  # four real builds: in CI's slow step
 def test_doit_publishes_restores_and_uploads_late_on_seaweedfs(tiny_project, store, tmp_path):
     url, fs, env = store
     remote = {**env, "MODEL_EXPORT_REMOTE_CACHE": url}
