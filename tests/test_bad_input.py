@@ -224,6 +224,10 @@ CASES = [
     ("sets-mode-no-architecture-has", sets({"tiny": {"prefill": [16], "decode": [16], "train": [16]}}), SETS, "tiny.train"),
     ("sets-mode-the-architecture-lacks", toml(SINGLE.replace('shape_set = "tiny"', 'shape_set = "tiny"\narchitecture = "judge"', 1)
                                               .replace('architecture = "student"\n', '', 1)), SETS, "tiny.decode"),
+    # an unreachable scheduler blames where its address came from: the flag or the environment, not the file
+    ("dask-flag-unreachable", lambda p: [sys.executable, "-m", "doit", "--dask", "tcp://127.0.0.1:9"], "doit --dask", "ADDRESS"),
+    ("dask-env-unreachable", lambda p: ["env", "MODEL_EXPORT_DASK_SCHEDULER=tcp://127.0.0.1:9", sys.executable, "-m", "doit"],
+     "$MODEL_EXPORT_DASK_SCHEDULER", "(environment)"),
     ("config-unknown-top-key", edit_toml('artifacts = "artifacts"', 'artifacts = "artifacts"\ncolour = "red"'), PY, "tool.export.colour"),
     ("config-unknown-model-key", add_model_key('colour = "red"'), PY, f"{M0}.colour"),
     ("config-artifacts-not-a-string", edit_toml('artifacts = "artifacts"', "artifacts = 3"), PY, "tool.export.artifacts"),

@@ -57,14 +57,14 @@ class RunCmd(Run):
         from .tasks import S
 
         if dask is not None:
-            settings.set_dask_scheduler(dask)
+            settings.set_dask_scheduler(dask, from_flag=True)
         address = settings.dask_scheduler(S.config.dask.scheduler)
         if not address:
             return num_process, par_type
         why = reachable(address)
         if why:
-            print(f"error: {S.config.root / 'pyproject.toml'}: tool.export.dask.scheduler: cannot reach the Dask "
-                  f"scheduler at {address}: {why}", file=sys.stderr)
+            where, field = settings.dask_scheduler_origin(S.config.root / "pyproject.toml")
+            print(f"error: {where}: {field}: cannot reach the Dask scheduler at {address}: {why}", file=sys.stderr)
             return None, par_type
         settings.set_dask_scheduler(address)  # the lanes read it
         lanes = num_process or S.config.dask.lanes or DASK_LANES

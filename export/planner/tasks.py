@@ -306,7 +306,11 @@ def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], 
                    "code": key["code"], "arch": arch}
         result = cluster.submit_and_wait(address, request, need, task_name)
     except ExportError as e:
-        return TaskFailed(f"error: {e if e.file else ExportError(e.message, file=pyproject, field=e.field)}")
+        if not e.file:  # a cluster error (MEMORY_MB, no worker...): name where the scheduler came from
+            where, field = settings.dask_scheduler_origin(pyproject)
+            e = ExportError(e.message, file=where, field=field if (e.field or "").startswith("tool.export.dask")
+                            or not e.field else e.field)
+        return TaskFailed(f"error: {e}")
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(result.get("log", ""))
     for line in result.get("warnings", ()):
