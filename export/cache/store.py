@@ -51,6 +51,7 @@ from ..errors import ExportError, cli_errors
 SCHEMA = 1
 GRACE_SECONDS = 3600.0  # gc never deletes a blob or temporary file younger than this
 STORE_CONNECT_TIMEOUT = 2  # seconds to reach an S3 store before it counts as unreachable for the build
+STORE_RETRIES = 2  # s3fs's attempts of one request (botocore's own retries are off): a dead store costs a few s, once
 _HEX = re.compile(r"[0-9a-f]{32}\Z")
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}\Z")
 
@@ -121,11 +122,13 @@ class _Remote:
         if url.split("://", 1)[0] in ("s3", "s3a"):
             # an unreachable store costs a few seconds, once (Cache stops using it after the first failure);
             # botocore's defaults (60 s connect timeout, retries with backoff) made a build wait ~10 s
-            config = {"connect_timeout": STORE_CONNECT_TIMEOUT, "retries": {"max_attempts": 2, "mode": "standard"},
+            config = {"connect_timeout": STORE_CONNECT_TIMEOUT, "retries": {"max_attempts": 1, "mode": "standard"},
                       **options.get("config_kwargs", {})}
             options["config_kwargs"] = config
             options.setdefault("skip_instance_cache", True)  # s3fs would hand back an instance made for another endpoint
         self.fs, self.base = fsspec.core.url_to_fs(url, **options)
+        if "config_kwargs" in options and hasattr(self.fs, "retries"):
+            self.fs.retries = STORE_RETRIES  # s3fs's own retries (5, with backoff) on top of botocore's
         self.base = self.base.rstrip("/")
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.create_only = bool({"s3", "s3a"} & set(protocols))
