@@ -61,7 +61,12 @@ class OutputError:
         return f"{self.name}: max abs error {self.max_abs:.3g}, relative {self.rel:.3g} (tolerance {self.tol:g})"
 
     def to_json(self) -> dict:
-        return {"max_abs": self.max_abs, "rel": self.rel, "tolerance": self.tol, "ok": self.ok}
+        """Errors to 2 significant digits: a verdict file stays byte-stable under fp summation-order noise."""
+        return {"max_abs": _sig(self.max_abs), "rel": _sig(self.rel), "tolerance": self.tol, "ok": self.ok}
+
+
+def _sig(x: float, digits: int = 2):
+    return float(f"{x:.{digits - 1}e}") if np.isfinite(x) else str(x)
 
 
 def compare(name: str, got, want, tol: float) -> OutputError:
@@ -237,7 +242,8 @@ class Verdict:
         d = {"function": self.function, "precision": self.precision, "ok": self.ok,
              "outputs": {o.name: o.to_json() for o in self.outputs}}
         if self.weights:
-            d["weights"] = {"max_rel": max(self.weights.values()), "tolerance": self.weight_tol, "count": len(self.weights)}
+            d["weights"] = {"max_rel": _sig(max(self.weights.values())), "tolerance": self.weight_tol,
+                            "count": len(self.weights)}
         return d
 
 
