@@ -17,7 +17,7 @@ import pytest
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 
-from conftest import REPO, fork_module
+from conftest import REPO, run_module
 from coreml_helpers import STUDENT
 from export import checkpoint, export_pytorch
 from export.coreml.bundle import bundle
@@ -307,8 +307,8 @@ def test_an_unknown_op_is_an_error_naming_op_and_function(tmp_path, exported):
     bad = _edit_spec(pkg, tmp_path / "bad.mlpackage", lambda op: op.type == "softmax", lambda op: setattr(op, "type", "softermax"))
     with pytest.raises(InterpreterError, match=r"function main.*'softermax'"):
         Package(bad)
-    r = fork_module("export.verify_coreml", "--package", bad, "--exported", exported[("judge", "fp32")] / "prefill_T8.pt2",
-                    "--contract", exported[("judge", "fp32")] / "prefill_T8.contract.json", cwd=tmp_path)
+    r = run_module("export.verify_coreml", "--package", bad, "--exported", exported[("judge", "fp32")] / "prefill_T8.pt2",
+                   "--contract", exported[("judge", "fp32")] / "prefill_T8.contract.json")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "softermax" in r.stderr, r.stderr
 
 
@@ -490,7 +490,21 @@ def _set_mask(op):
         tv.floats.values[:] = [-1.0]
 
 
-def test_three_broken_packages_are_caught_and_named(tmp_path, exported):
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    """The CLI's main in this process (a fork of a process that ran torch and BLAS threads can hang)."""
+    from export.coreml.verify import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_three_broken_packages_are_caught_and_named(tmp_path, exported, capsys):
     ex = exported[("student", "fp32")]
     pkg = _convert(tmp_path, ex, "decode", "ok")
     args = (ex / "decode_T8.pt2", ex / "decode_T8.contract.json")
@@ -510,8 +524,7 @@ def test_three_broken_packages_are_caught_and_named(tmp_path, exported):
         assert msg is not None and msg.split(":")[0] in ("logits", "k_new", "v_new"), (kind, msg)
         assert "relative" in msg
     # the CLI: one line naming the output, exit 1; a good package: one line per output, exit 0
-    r = fork_module("export.verify_coreml", "--package", broken["swapped op"], "--exported", args[0], "--contract", args[1],
-                    cwd=tmp_path)
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "logits: max abs error" in r.stderr, r.stderr
-    r = fork_module("export.verify_coreml", "--package", pkg, "--exported", args[0], "--contract", args[1], cwd=tmp_path)
-    assert r.returncode == 0 and [ln.split(":")[0] for ln in r.stdout.splitlines()] == ["logits", "k_new", "v_new"], r.stdout
+    code, out, err = _cli(capsys, "--package", broken["swapped op"], "--exported", args[0], "--contract", args[1])
+    assert code == 1 and err.count("\n") == 1 and "logits: max abs error" in err, err
+    code, out, err = _cli(capsys, "--package", pkg, "--exported", args[0], "--contract", args[1])
+    assert code == 0 and [ln.split(":")[0] for ln in out.splitlines()] == ["logits", "k_new", "v_new"], out
