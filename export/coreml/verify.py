@@ -309,7 +309,23 @@ def verify(package, exported: Path | str, contract_path: Path | str, function: s
     outputs = [compare(t["name"], got[t["name"]], want[t["name"]], tol, floors.get(t["name"], 0.0)) for t in c["outputs"]]
     if state is not None:  # the states after the step are outputs too
         outputs += [compare(f"state {n}", state[n], want_state[n], tol, floors.get(f"state {n}", 0.0)) for n in state]
+    if sys.platform == "darwin":  # the device's own runtime too (not run in CI, which is Linux)
+        outputs += _predict_on_device(pkg, fn, inputs, cache if c["states"] else None, want, c, tol)
     return Verdict(str(pkg.path), fn, precision, outputs, weights, wtol if weights else None)
+
+
+def _predict_on_device(pkg, fn: str, inputs: dict, cache: dict | None, want: dict, c: dict, tol: float) -> list:
+    """macOS: ``MLModel.predict`` of the same function on the same inputs (and state), against the program."""
+    import coremltools as ct
+
+    model = ct.models.MLModel(str(pkg.path), function_name=None if fn == "main" else fn)
+    state = None
+    if cache:
+        state = model.make_state()
+        for name, value in cache.items():
+            state.write_state(name, value)
+    got = model.predict(inputs, state=state) if state is not None else model.predict(inputs)
+    return [compare(f"MLModel {t['name']}", got[t["name"]], want[t["name"]], tol) for t in c["outputs"]]
 
 
 def _fp16_weight_effect(program: Program, inputs: dict, cache: dict, want: dict, want_state: dict | None) -> dict:
