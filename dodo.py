@@ -9,6 +9,6 @@ import sys
 from export.planner import tasks
 from export.planner.tasks import (  # noqa: F401  (doit finds task_* here)
     task_bundle_coreml, task_checkpoint, task_convert_coreml, task_export_onnx, task_export_pytorch,
-    task_prune_artifacts)
+    task_prune_artifacts, task_verify_coreml)
 
 DOIT_CONFIG = tasks.setup(__file__, sys.argv)

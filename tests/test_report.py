@@ -13,7 +13,7 @@ from export.planner import graph
 from scenario import Project
 
 SVG = "{http://www.w3.org/2000/svg}"
-LEAVES = 15  # checkpoint:judge, 6 exports, 6 conversions, 2 bundles
+LEAVES = 23  # checkpoint:judge, 6 exports, 6 conversions, 6 verifications, 2 bundles, 2 bundle verifications
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,8 @@ def build_report(artifacts: Path, record: dict) -> dict:
         sizes = rec.get("sizes") or {}
         rows.append({"task": name, "step": _step(name), "status": rec.get("status"), "seconds": rec.get("seconds"),
                      "peak_mb": rec.get("peak_mb"), "bytes": sum(sizes.values()) if sizes else None,
-                     "outputs": sorted((rec.get("outputs") or {}).keys()), "error": rec.get("error")})
+                     "outputs": sorted((rec.get("outputs") or {}).keys()), "error": rec.get("error"),
+                     "verdict": rec.get("verdict")})
     counts = {s: sum(1 for r in rows if r["status"] == s) for s in STATUSES}
     looked = counts["built"] + counts["restored"]
     steps: dict[str, dict] = {}
@@ -95,6 +96,17 @@ def _shape(io: list) -> str:
     return ", ".join(f"{_e(x.get('name'))} {_e(x.get('dtype'))}{_e(x.get('shape'))}" for x in io or [])
 
 
+def _verdict_html(verdict) -> str:
+    """verify_coreml's errors per output (export/coreml/verify.py), one line under its task."""
+    if not verdict:
+        return ""
+    outs = verdict.get("outputs") or {}
+    if not outs and verdict.get("functions"):
+        outs = {f"{fn} {o}": e for fn, v in verdict["functions"].items() for o, e in (v.get("outputs") or {}).items()}
+    return "<div class=muted>" + "; ".join(
+        f"{_e(o)}: max abs {e.get('max_abs', 0):.2g}, rel {e.get('rel', 0):.2g}" for o, e in outs.items()) + "</div>"
+
+
 def to_html(report: dict) -> str:
     c, cache = report["counts"], report["cache"]
     hit = "n/a" if cache["hit_rate"] is None else f"{cache['hit_rate']:.0%}"
@@ -120,6 +132,7 @@ def to_html(report: dict) -> str:
         bar = f"<span class=bar style='width:{max(1, int(120 * (secs or 0) / longest))}px'></span>" if secs else ""
         peak = f"{r['peak_mb']:.0f} MB" if r["peak_mb"] is not None else ""
         err = f"<div class=muted>{_e(r['error'][-300:])}</div>" if r.get("error") else ""
+        err += _verdict_html(r.get("verdict"))
         parts.append(f"<tr id='{_e(r['task'])}'><td><code>{_e(r['task'])}</code>{err}</td>"
                      f"<td class='{_e(r['status'])}'>{_e(r['status'])}</td>"
                      f"<td class=n>{'' if secs is None else f'{secs:.1f}'}</td><td>{bar}</td>"

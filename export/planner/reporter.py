@@ -26,9 +26,10 @@ from doit.reporter import ConsoleReporter
 from .. import atomic
 
 # What a task's values add to its record: output digests and sizes, the step's
-# own seconds and peak memory, the action key, the nightly's verdict, and the Dask worker that ran it.
+# own seconds and peak memory, the action key, the nightly's verdict, the Dask worker that ran it, and
+# verify_coreml's verdict (errors per output, export/coreml/verify.py).
 KEPT = ("outputs", "sizes", "peak_mb", "reserved_mb", "started", "ended", "action_key", "reproducible", "cached",
-        "worker", "uploaded")
+        "worker", "uploaded", "verdict")
 HEARTBEAT = 60.0  # seconds between "still running" lines when not on a terminal
 
 

@@ -2,11 +2,13 @@
 
 For each model m, mode and T of m's shape set:
 
-    checkpoint:m (demo only) -> export_pytorch:m.mode.T -> convert_coreml:m.mode.T -> bundle_coreml:m
+    checkpoint:m (demo only) -> export_pytorch:m.mode.T -> convert_coreml:m.mode.T -> verify_coreml:m.mode.T
+        -> bundle_coreml:m -> verify_coreml:m (each function of the bundle reproduces its leaf package)
     export_onnx:m.mode.T (the ONNX debug path; not in the default set)
 
-Groups ``export_pytorch:T<n>`` and ``convert_coreml:T<n>`` select every model and
-mode at one T. A task's key is (1) its file inputs, by xxh3 content digest
+Groups ``export_pytorch:T<n>``, ``convert_coreml:T<n>`` and ``verify_coreml:T<n>`` select every
+model and mode at one T; verify_coreml runs for models that export an ExportedProgram. A
+task's key is (1) its file inputs, by xxh3 content digest
 (``ContentChecker``), (2) its config slice, code digest and toolchain versions
 (``config_changed``), and (3) its outputs being what it last wrote
 (``outputs_intact``). The steps themselves are declared in export/stepdefs.py, their
@@ -122,7 +124,8 @@ def setup(dodo_file: str, argv: list[str]) -> dict:
         "backend": "sqlite3",
         "check_file_uptodate": ContentChecker,
         "reporter": BuildReporter.writing_to(S.config.artifacts / LAST_BUILD),
-        "default_tasks": ["checkpoint", "export_pytorch", "convert_coreml", "bundle_coreml", "prune_artifacts"],
+        "default_tasks": ["checkpoint", "export_pytorch", "convert_coreml", "verify_coreml", "bundle_coreml",
+                          "prune_artifacts"],
         "verbosity": 1,
     }
 
@@ -242,7 +245,7 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
         if restored is not None:
             written.wrote(state, restored)
             return {"outputs": restored, "restored": True, "action_key": akey,
-                    "sizes": {rel: _size(p) for rel, p in zip(rels, outputs)}}
+                    "sizes": {rel: _size(p) for rel, p in zip(rels, outputs)}, **_verdict(step, outputs)}
     log = S.config.root / STATE_DIR / "logs" / f"{task_name.replace(':', '__')}.log"
     need = need_mb(step, kwargs, inputs)
     address = dask_address()
@@ -271,7 +274,18 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
         values["cached"], values["reproducible"] = done.cached, done.reproducible
     if done.uploaded:
         values["uploaded"] = done.uploaded
+    values.update(_verdict(step, outputs))
     return values
+
+
+def _verdict(step: str, outputs: list[Path]) -> dict:
+    """verify_coreml's verdict (errors per output) for last_build.json and the report."""
+    if step != "verify_coreml":
+        return {}
+    try:
+        return {"verdict": json.loads(Path(outputs[0]).read_text())}
+    except (OSError, ValueError):
+        return {}
 
 
 def dask_address() -> str | None:
@@ -417,6 +431,19 @@ def package_path(m, mode, T) -> Path:
     return model_dir(m) / "coreml" / f"{entry_name(mode, T)}.mlpackage"
 
 
+def verdict_path(m, mode, T) -> Path:
+    return model_dir(m) / "coreml" / f"{entry_name(mode, T)}.verify.json"
+
+
+def bundle_verdict_path(m) -> Path:
+    return model_dir(m) / f"{m.name}.verify.json"
+
+
+def verified(m) -> bool:
+    """The numerical verification runs the package against the ExportedProgram: models that export one."""
+    return "exported_program" in m.formats
+
+
 def leaf(m, mode, T) -> str:
     return f"{m.name}.{mode}.T{T}"
 
@@ -479,6 +506,35 @@ def task_convert_coreml():
     yield from _groups("convert_coreml", "convert", by_T)
 
 
+def task_verify_coreml():
+    """Run each package in the reference interpreter against its ExportedProgram (export/coreml/verify.py), and
+    each function of a bundle against its leaf package; the verdict (max abs and relative error per output)
+    goes to <package stem>.verify.json."""
+    by_T: dict[int, list[str]] = {}
+    for m in S.config.models:
+        if not verified(m):
+            continue
+        for mode, T in m.leaves():
+            files, contract = export_paths(m, mode, T)
+            pkg, out = package_path(m, mode, T), verdict_path(m, mode, T)
+            kwargs = {"package": str(pkg), "exported": str(files["exported_program"]), "contract": str(contract),
+                      "out": str(out)}
+            by_T.setdefault(T, []).append(leaf(m, mode, T))
+            yield _task("verify_coreml", leaf(m, mode, T), f"{m.name} {mode} T={T}: the package's numbers against the program",
+                        kwargs, {}, [out], [out],  # the package's bytes (its manifest) cover its options
+                        file_dep=[manifest_of(pkg), files["exported_program"], contract])
+        bundle = model_dir(m) / f"{m.name}.mlpackage"
+        names = [entry_name(mode, T) for mode, T in m.leaves()]
+        kwargs = {"bundle": str(bundle), "out": str(bundle_verdict_path(m)),
+                  "leaves": {n: str(package_path(m, mode, T)) for n, (mode, T) in zip(names, m.leaves())},
+                  "contracts": {n: str(export_paths(m, mode, T)[1]) for n, (mode, T) in zip(names, m.leaves())}}
+        yield _task("verify_coreml", m.name, f"{m.name}: each function of the bundle against its leaf package",
+                    kwargs, {"functions": names}, [bundle_verdict_path(m)], [bundle_verdict_path(m)],
+                    file_dep=[manifest_of(bundle)] + [manifest_of(package_path(m, mode, T)) for mode, T in m.leaves()]
+                    + [export_paths(m, mode, T)[1] for mode, T in m.leaves()])
+    yield from _groups("verify_coreml", "verify", by_T)
+
+
 def task_bundle_coreml():
     """Merge every (mode, T) package of a model into one multifunction <model>.mlpackage + contract.json."""
     for m in S.config.models:
@@ -489,9 +545,11 @@ def task_bundle_coreml():
         kwargs = {"packages": [str(p) for p in pkgs], "contracts": [str(c) for c in contracts], "out": str(out),
                   "contract_out": str(contract_out)}
         key = {"functions": [entry_name(mode, T) for mode, T in m.leaves()]}
+        verdicts = [verdict_path(m, mode, T) for mode, T in m.leaves()] if verified(m) else []
         yield _task("bundle_coreml", m.name, f"{m.name}: one multifunction package of {len(pkgs)} functions",
                     kwargs, key, [out, manifest_of(out), contract_out], [manifest_of(out), contract_out],
-                    file_dep=[manifest_of(p) for p in pkgs] + contracts)
+                    file_dep=[manifest_of(p) for p in pkgs] + contracts + verdicts)  # a leaf that fails its
+        # verification stops its bundle
 
 
 def onnx_path(m, mode, T) -> Path:
@@ -518,9 +576,9 @@ def _expected_outputs() -> set[Path]:
         for mode, T in m.leaves():
             files, contract = export_paths(m, mode, T)
             pkg = package_path(m, mode, T)
-            out.update([*files.values(), contract, pkg, manifest_of(pkg), onnx_path(m, mode, T)])
+            out.update([*files.values(), contract, pkg, manifest_of(pkg), onnx_path(m, mode, T), verdict_path(m, mode, T)])
         bundle = model_dir(m) / f"{m.name}.mlpackage"
-        out.update([bundle, manifest_of(bundle), model_dir(m) / "contract.json"])
+        out.update([bundle, manifest_of(bundle), model_dir(m) / "contract.json", bundle_verdict_path(m)])
     return out
 
 
@@ -604,7 +662,7 @@ def task_prune_artifacts():
     never a file the build did not write."""
     return {
         "actions": [_prune],
-        "task_dep": ["bundle_coreml"],
+        "task_dep": ["bundle_coreml", "verify_coreml"],
         "uptodate": [_nothing_to_prune],
         "verbosity": 1,
     }
