@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -142,6 +143,7 @@ def setup(dodo_file: str, argv: list[str]) -> dict:
     lock.acquire(state / "lock", argv)
     depfile.check(state / "doit.sqlite", repair=lock.command_of(argv) not in lock.READ_ONLY)
     BuildReporter.record_path = S.config.artifacts / "last_build.json"
+    BuildReporter.state_path = state
     return {
         "dep_file": str(state / "doit.sqlite"),
         "backend": "sqlite3",
@@ -222,26 +224,31 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
     With ``MODEL_EXPORT_NIGHTLY=1`` nothing is restored: every step runs, and each output digest is
     compared with the cached one (``reproducible`` in the task's values).
     """
-    import time
-
     from . import worker
 
+    entered = time.time()  # the timeline (export/timeline.py): this action's span on its lane, and its phases
+    lane = os.getpid()     # a doit process: the main one, or one of ``doit -n N``
     rels = [_rel(p) for p in outputs]
     akey = action_key(key, inputs)
     cache = _cache()
     nightly = os.environ.get("MODEL_EXPORT_NIGHTLY") == "1"
+    in_bytes = input_bytes(kwargs, inputs)
     if not nightly:
         restored = cache.get(akey, S.config.root, rels)
         if restored is not None:
+            done = time.time()
             return {"outputs": restored, "restored": True, "action_key": akey,
-                    "sizes": {rel: _size(p) for rel, p in zip(rels, outputs)}}
+                    "sizes": {rel: _size(p) for rel, p in zip(rels, outputs)}, "input_bytes": in_bytes,
+                    "lane": lane, "span": [entered, done], "phases": [["cache restore", entered, done]]}
+    looked = time.time()
     log = S.config.root / STATE_DIR / "logs" / f"{task_name.replace(':', '__')}.log"
     need = need_mb(step, kwargs, inputs)
     address = dask_address()
     if address:
-        return _run_on_cluster(address, step, kwargs, outputs, task_name, key, inputs, akey, need, log, nightly, arch)
+        return _run_on_cluster(address, step, kwargs, outputs, task_name, key, inputs, akey, need, log, nightly, arch,
+                               entered=entered, in_bytes=in_bytes)
     try:
-        with _ledger().reserve(task_name, need):
+        with _ledger().reserve(task_name, need) as held:
             started, wall = time.monotonic(), time.time()
             measured = worker.run(step, kwargs, log)
             ended = time.time()
@@ -256,13 +263,21 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
     digests = {rel: _stat().any(p) for rel, p in zip(rels, outputs)}
     sizes = {rel: _size(p) for rel, p in zip(rels, outputs)}
     values = {"outputs": digests, "sizes": sizes, "action_key": akey, "seconds": seconds, "peak_mb": measured["peak_mb"],
-              "reserved_mb": need, "started": wall, "ended": ended}
+              "reserved_mb": need, "started": wall, "ended": ended, "input_bytes": in_bytes, "lane": lane,
+              "held": held["held"], "budget_mb": held["budget_mb"]}
+    phases = [["cache lookup", entered, looked]]
+    if held["waited"]:
+        phases.append(["memory wait", *held["waited"]])
     if nightly:
         cached = cache.peek(akey, rels)
         values["cached"] = cached
         values["reproducible"] = None if cached is None else cached == digests
     if not nightly or values["reproducible"] is not False:  # never publish bytes that contradict the cache
+        put = time.time()
         cache.put(akey, S.config.root, rels, {"task": task_name, "seconds": seconds, "toolchain": key["tools"]})
+        phases.append(["cache publish", put, time.time()])
+    values["phases"] = phases
+    values["span"] = [entered, time.time()]
     return values
 
 
@@ -273,7 +288,8 @@ def dask_address() -> str | None:
 
 
 def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], task_name: str, key: dict,
-                    inputs: list[str], akey: str, need: int, log: Path, nightly: bool, arch: str | None):
+                    inputs: list[str], akey: str, need: int, log: Path, nightly: bool, arch: str | None,
+                    entered: float | None = None, in_bytes: int | None = None):
     """``run_step`` on a Dask cluster (export.cluster): publish the inputs to the shared cache, run the
     step on a worker holding ``need`` MB, restore its outputs from the shared cache."""
     from . import cluster
@@ -312,7 +328,8 @@ def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], 
                           f"{cache.remote_url} (entry {result['key']})")
     values = {"outputs": restored, "sizes": {rel: _size(p) for rel, p in zip(rels, outputs)}, "action_key": akey,
               "seconds": result["seconds"], "peak_mb": result["peak_mb"], "reserved_mb": need,
-              "started": result["started"], "ended": result["ended"], "worker": result["worker"]}
+              "started": result["started"], "ended": result["ended"], "worker": result["worker"],
+              "input_bytes": in_bytes, "lane": result["worker"], "span": [entered or result["started"], time.time()]}
     if nightly:
         values["cached"], values["reproducible"] = result["cached"], result["reproducible"]
     return values
@@ -324,10 +341,14 @@ NEED_BASE_MB = {"checkpoint": 300, "export_pytorch": 400, "convert_coreml": 500,
 NEED_FACTOR = {"checkpoint": 2, "export_pytorch": 3, "convert_coreml": 5, "bundle_coreml": 2, "export_onnx": 4}
 
 
-def need_mb(step: str, kwargs: dict, inputs: list[str]) -> int:
+def input_bytes(kwargs: dict, inputs: list[str]) -> int:
+    """The bytes a step reads: its input files, and the packages a bundle merges."""
     data = sum(_size(S.config.root / rel) for rel in inputs if (S.config.root / rel).exists())
-    data += sum(_size(Path(p)) for p in kwargs.get("packages", ()) if Path(p).exists())
-    return int(NEED_BASE_MB.get(step, 500) + NEED_FACTOR.get(step, 4) * data / 2**20)
+    return data + sum(_size(Path(p)) for p in kwargs.get("packages", ()) if Path(p).exists())
+
+
+def need_mb(step: str, kwargs: dict, inputs: list[str]) -> int:
+    return int(NEED_BASE_MB.get(step, 500) + NEED_FACTOR.get(step, 4) * input_bytes(kwargs, inputs) / 2**20)
 
 
 def _ledger():
