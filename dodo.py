@@ -6,7 +6,11 @@ torch or coremltools.
 """
 import sys
 
-from export import tasks
+from export import noop
+
+noop.fast_path(__file__, sys.argv)  # nothing changed since the last build: say so and stop here
+
+from export import tasks  # noqa: E402
 from export.tasks import (  # noqa: F401  (doit finds task_* here)
     task_bundle_coreml, task_checkpoint, task_convert_coreml, task_export_pytorch, task_prune_artifacts)
 

@@ -27,6 +27,7 @@ from doit.exceptions import UnmetDependency
 from doit.reporter import ConsoleReporter
 
 from . import atomic
+from .noop import process_started as _process_started
 
 # What a task's values add to its record: output digests and sizes, the step's
 # own seconds and peak memory, the action key, the nightly's verdict, and the Dask worker that ran it.
@@ -53,18 +54,6 @@ def _fmt_bytes(n) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
-
-
-def _process_started() -> float | None:
-    """When this process started (time.time()), from /proc: a no-op's seconds count its start-up too."""
-    try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            up = float(f.read().split()[0])
-        return time.time() - (up - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 class BuildReporter(ConsoleReporter):
@@ -243,6 +232,7 @@ class BuildReporter(ConsoleReporter):
                 history.append(self.state_path, record)
             except Exception as e:
                 self.write(f"warning: could not add the build to {self.state_path / 'history.jsonl'}: {e}\n")
+        self._stamp()
         if not did:
             return  # the report and the timeline stay those of the last build that did something
         artifacts = self.record_path.parent
@@ -258,6 +248,28 @@ class BuildReporter(ConsoleReporter):
             report.write(artifacts, report.build_report(artifacts, record, state=self.state_path))
         except Exception as e:
             self.write(f"warning: could not write the build report: {e}\n")
+
+    def _stamp(self):
+        """After a build where nothing failed: the stamp of the fast no-op (export/noop.py)."""
+        if self.state_path is None or not self.records or os.environ.get("MODEL_EXPORT_NIGHTLY") == "1":
+            return
+        if any(r["status"] not in ("up-to-date", "built", "restored") for r in self.records.values()):
+            return
+        try:
+            import sys
+
+            from . import noop
+            from .tasks import S
+
+            tasks = {}
+            for n in self.records:
+                task = self._tasks[n]
+                outputs = self.records[n].get("outputs") or (task.values or {}).get("outputs")
+                tasks[n] = _Stamped(task.actions, task.file_dep, {"outputs": outputs} if outputs else {})
+            noop.write(self.state_path, sys.argv, S.config.root, S.config.artifacts,
+                       [S.config.root / "pyproject.toml", S.config.shape_sets_file], tasks, self.record_path)
+        except Exception as e:  # the fast path is an optimization: without a stamp the next no-op checks everything
+            self.write(f"warning: could not write {self.state_path / 'noop-stamp.json'}: {e}\n")
 
     def summary(self, seconds: float) -> str:
         """The table of the tasks that did something, and one line of counts."""
@@ -282,6 +294,11 @@ class BuildReporter(ConsoleReporter):
 def _size(record: dict):
     sizes = record.get("sizes")
     return sum(sizes.values()) if sizes else None
+
+
+class _Stamped:
+    def __init__(self, actions, file_dep, values):
+        self.actions, self.file_dep, self.values = actions, file_dep, values
 
 
 class _TimeLeft:
