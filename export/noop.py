@@ -4,7 +4,7 @@ A build that ends with every task up to date (or built, or restored: nothing fai
 ``.export/noop-stamp.json``: the command line, the ``MODEL_EXPORT_*`` environment, the Python and the
 installed distributions (the tool versions every key holds), and the stat (device, inode, size,
 mtime, ctime) of every file the up-to-date checks read: the step code (the whole ``export`` package
-and dodo.py), the config files, every task's inputs and outputs (each file and folder inside a
+and dodo.py), the config files, doit's dependency file, every task's inputs and outputs (each file and folder inside a
 package), and the folders ``prune_artifacts`` looks in. The next ``doit`` with the same command line
 compares them before it loads the graph; when nothing differs it prints ``N tasks up to date``,
 records the no-op (last_build.json, the history) and exits. Anything else (a stat that differs, a
@@ -25,13 +25,13 @@ import time
 from pathlib import Path
 
 STAMP = "noop-stamp.json"
-VERSION = 1
+VERSION = 2
 RACY_SECONDS = 2.0  # as export/digest.py
 PACKAGE = Path(__file__).resolve().parent
 
 
-def _key(st: os.stat_result) -> str:
-    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+def _key(st: os.stat_result) -> list[int]:
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_dev]
 
 
 def _env() -> dict:
@@ -106,7 +106,8 @@ def write(state: Path, argv: list[str], root: Path, artifacts: Path, config_file
           record_path: Path) -> bool:
     """Stamp the state a successful build left (``tasks``: doit's tasks, their values loaded).
     False (and no stamp) when a file is too recent to be trusted."""
-    paths = _code(root) + [str(p) for p in config_files]
+    depfile = str(Path(state) / "doit.sqlite")  # what doit recorded: just closed, so never "too recent"
+    paths = _code(root) + [str(p) for p in config_files] + [depfile]
     names = []
     for name, task in tasks.items():
         if not task.actions or name.startswith("_"):
@@ -119,19 +120,23 @@ def write(state: Path, argv: list[str], root: Path, artifacts: Path, config_file
     models = _subdirs(str(artifacts))
     for m in models:  # where prune_artifacts looks for stale outputs (export/tasks.py stale_outputs)
         paths += [os.path.join(artifacts, m), os.path.join(artifacts, m, "exported"), os.path.join(artifacts, m, "coreml")]
-    files, now = {}, time.time()
+    files, seen, now = [], set(), time.time()
     for p in paths:
+        if p in seen:
+            continue
+        seen.add(p)
+        rel = os.path.relpath(p, root)
         try:
             st = os.stat(p)
         except OSError:
-            files[p] = None
+            files.append([rel, None])
             continue
-        if now - st.st_mtime < RACY_SECONDS:
+        if now - st.st_mtime < RACY_SECONDS and p != depfile:
             forget(state)
             return False
-        files[p] = _key(st)
-    stamp = {**_head(argv), "tasks": names, "artifacts": str(artifacts), "models": models, "files": files,
-             "record": str(record_path), "written": now}
+        files.append([rel, _key(st)])
+    stamp = {**_head(argv), "root": str(root), "tasks": names, "artifacts": str(artifacts), "models": models,
+             "files": files, "record": str(record_path), "written": now}
     target = stamp_path(state)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(stamp, separators=(",", ":")))
@@ -140,7 +145,15 @@ def write(state: Path, argv: list[str], root: Path, artifacts: Path, config_file
 
 
 def unchanged(state: Path, argv: list[str]) -> dict | None:
-    """The stamp, if nothing it covers changed since it was written; else None."""
+    """The stamp, if nothing it covers changed since it was written; else None (a stamp it cannot
+    read included: the ordinary build decides)."""
+    try:
+        return _unchanged(state, argv)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _unchanged(state: Path, argv: list[str]) -> dict | None:
     try:
         stamp = json.loads(stamp_path(state).read_text())
     except (OSError, ValueError):
@@ -149,13 +162,17 @@ def unchanged(state: Path, argv: list[str]) -> dict | None:
         return None
     if _subdirs(stamp["artifacts"]) != stamp["models"]:
         return None
-    for p, key in stamp["files"].items():
+    root, stat = stamp["root"], os.stat
+    for rel, key in stamp["files"]:
         try:
-            if _key(os.stat(p)) != key:
-                return None
+            st = stat(os.path.join(root, rel))
         except OSError:
             if key is not None:
                 return None
+            continue
+        if key is None or st.st_ino != key[0] or st.st_size != key[1] or st.st_mtime_ns != key[2] \
+                or st.st_ctime_ns != key[3] or st.st_dev != key[4]:
+            return None
     return stamp
 
 
