@@ -65,7 +65,7 @@ def write_student_checkpoint(path: Path, seed: int = 0) -> None:
     code = textwrap.dedent(f"""
         import torch
         from export import checkpoint
-        from export.models import get
+        from export.models.registry import get
         from export.models.common import config_from_dict
         arch = get("student")
         cfg = config_from_dict(arch.config_cls, {STUDENT!r})

@@ -13,7 +13,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from export import graph, history
+from export.planner import graph, history
 from scenario import Project
 
 SVG = "{http://www.w3.org/2000/svg}"

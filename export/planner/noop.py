@@ -27,7 +27,7 @@ from pathlib import Path
 STAMP = "noop-stamp.json"
 VERSION = 2
 RACY_SECONDS = 2.0  # as export/digest.py
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # the export package: all of the step code
 
 
 def _key(st: os.stat_result) -> list[int]:
@@ -35,7 +35,9 @@ def _key(st: os.stat_result) -> list[int]:
 
 
 def _env() -> dict:
-    return {k: v for k, v in os.environ.items() if k.startswith("MODEL_EXPORT_")}
+    from ..settings import environment
+
+    return environment()
 
 
 def _tools() -> list:
@@ -118,7 +120,7 @@ def write(state: Path, argv: list[str], root: Path, artifacts: Path, config_file
         for rel in ((task.values or {}).get("outputs") or {}):
             _walk(os.path.join(root, rel), paths)
     models = _subdirs(str(artifacts))
-    for m in models:  # where prune_artifacts looks for stale outputs (export/tasks.py stale_outputs)
+    for m in models:  # where prune_artifacts looks for stale outputs (export/planner/tasks.py stale_outputs)
         paths += [os.path.join(artifacts, m), os.path.join(artifacts, m, "exported"), os.path.join(artifacts, m, "coreml")]
     files, seen, now = [], set(), time.time()
     for p in paths:
@@ -178,12 +180,13 @@ def _unchanged(state: Path, argv: list[str]) -> dict | None:
 
 def fast_path(dodo_file: str, argv: list[str]) -> None:
     """Called by dodo.py before the graph is loaded: a plain build whose stamp holds ends here."""
+    from ..layout import STATE_DIR
     from . import lock
 
     root = Path(dodo_file).resolve().parent
-    state = root / ".export"
+    state = root / STATE_DIR
     command = lock.command_of(argv)
-    if command in lock.READ_ONLY:
+    if command in lock.READ_ONLY or PACKAGE != root / "export":  # another package: setup() says so
         return
     if command != "run" or not stamp_path(state).exists():
         forget(state)
@@ -198,7 +201,8 @@ def fast_path(dodo_file: str, argv: list[str]) -> None:
 
 
 def _noop(stamp: dict, state: Path) -> None:
-    from . import atomic, history
+    from .. import atomic
+    from . import history
 
     names = stamp["tasks"]
     started = time.time()

@@ -15,7 +15,8 @@ import json
 import time
 from pathlib import Path
 
-from . import atomic, history, timeline
+from .. import atomic
+from . import history, timeline
 
 STATUSES = ("built", "restored", "up-to-date", "failed", "not-run")
 

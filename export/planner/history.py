@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import atomic
+from .. import atomic
 
 HISTORY = "history.jsonl"
 LATEST = "latest_build.json"

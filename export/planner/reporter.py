@@ -10,9 +10,9 @@ After every run ``<artifacts>/last_build.json`` lists each task with its status
 (``built``, ``restored``, ``up-to-date``, ``failed``, ``not-run`` when a
 prerequisite failed) and seconds: what the scenario tests assert on, and what
 ``doit plan`` is compared with. A build that did something also writes ``<artifacts>/report.json``
-and ``report.html`` (export/report.py: sizes, cache hits, each model's contract, the timeline, the
-trends) and ``<artifacts>/trace.json`` (export/timeline.py), and adds itself to the history
-(export/history.py). A no-op prints one line (``29 tasks up to date (0.4 s)``; ``-v 2`` lists every
+and ``report.html`` (export/planner/report.py: sizes, cache hits, each model's contract, the timeline, the
+trends) and ``<artifacts>/trace.json`` (export/planner/timeline.py), and adds itself to the history
+(export/planner/history.py). A no-op prints one line (``29 tasks up to date (0.4 s)``; ``-v 2`` lists every
 task), adds one line to the history and leaves the report of the last build that did something.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 from doit.exceptions import UnmetDependency
 from doit.reporter import ConsoleReporter
 
-from . import atomic
+from .. import atomic
 from .noop import process_started as _process_started
 
 # What a task's values add to its record: output digests and sizes, the step's
@@ -58,10 +58,17 @@ def _fmt_bytes(n) -> str:
 
 class BuildReporter(ConsoleReporter):
     desc = "progress with status, seconds and memory per task, a summary, and JSON + HTML records"
-    record_path: Path | None = None  # set by the task generators
+    record_path: Path | None = None  # where the build's record goes: see ``writing_to``
     state_path: Path | None = None   # the state folder (.export): the history
     verbosity: int = 1               # doit's -v (set by the run command): 2 lists the up-to-date tasks too
     lanes: int = 1                   # doit's -n
+
+    @classmethod
+    def writing_to(cls, record_path: Path, state_path: Path | None = None) -> type:
+        """This reporter, writing its record to ``record_path`` and the history to ``state_path``
+        (doit makes the reporter from a class)."""
+        return type(cls.__name__, (cls,), {"record_path": Path(record_path),
+                                           "state_path": None if state_path is None else Path(state_path)})
 
     def __init__(self, outstream, options):
         super().__init__(outstream, options)
@@ -251,7 +258,9 @@ class BuildReporter(ConsoleReporter):
 
     def _stamp(self):
         """After a build where nothing failed: the stamp of the fast no-op (export/noop.py)."""
-        if self.state_path is None or not self.records or os.environ.get("MODEL_EXPORT_NIGHTLY") == "1":
+        from ..settings import nightly
+
+        if self.state_path is None or not self.records or nightly():
             return
         if any(r["status"] not in ("up-to-date", "built", "restored") for r in self.records.values()):
             return
