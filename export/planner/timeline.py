@@ -132,7 +132,10 @@ def _nice_step(total: float, ticks: int = 8) -> float:
 
 
 def _fmt_s(s: float) -> str:
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min"
+    if s < 120:
+        return f"{s:.0f} s"
+    m, sec = divmod(int(round(s)), 60)
+    return f"{m} min" if not sec else f"{m}:{sec:02d}"
 
 
 def to_svg(tr: dict, title: str | None = None) -> str:
@@ -190,7 +193,9 @@ def to_svg(tr: dict, title: str | None = None) -> str:
                        f'x="{x0}" y="{y + ROW_H - 8}" width="{w}" height="5" fill="{colour}"><title>{tip}</title></rect>')
             continue
         colour = FILL.get(e.get("cat"), "#888")
-        label = e["name"] if w > 7 * len(e["name"]) else (e["name"].split(":", 1)[-1] if w > 7 * len(e["name"].split(":", 1)[-1]) else "")
+        # the longest that fits: the task, its leaf (model.mode.T), its T
+        leaf = e["name"].split(":", 1)[-1]
+        label = next((t for t in (e["name"], leaf, leaf.rsplit(".", 1)[-1]) if w > 6.5 * len(t) + 6), "")
         out.append(f'<g class="span" data-task="{html.escape(e["name"])}" data-status="{html.escape(e.get("cat", ""))}">'
                    f'<rect x="{x0}" y="{y + 3}" width="{w}" height="{ROW_H - 6}" rx="2" fill="{colour}" stroke="#ffffff" '
                    f'stroke-width="0.5"><title>{tip}</title></rect>'
