@@ -114,7 +114,12 @@ def setup(dodo_file: str, argv: list[str]) -> dict:
         signal.signal(signal.SIGINT, _interrupted)
     state = root / STATE_DIR
     state.mkdir(exist_ok=True)
-    S.stat = StatCache(state / "stat-cache.sqlite")
+    if lock.command_of(argv) in lock.READ_ONLY:  # plan, why, graph, list...: the code keys too read it, never write it
+        from .plan import ReadOnlyStatCache
+
+        S.stat = ReadOnlyStatCache(state / "stat-cache.sqlite")
+    else:
+        S.stat = StatCache(state / "stat-cache.sqlite")
     S.code = CodeKeys(S.stat)
     lock.acquire(state / "lock", argv)
     depfile.check(state / "doit.sqlite", repair=lock.command_of(argv) not in lock.READ_ONLY)
