@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
@@ -351,6 +352,28 @@ def test_parallel_build_timeline_lanes_memory_waits_and_the_svg_in_chromium(buil
     assert (bw, bh) == (w, h) and len(_colours(bw, brows, len(brows[0]) // bw)) < 5
 
 
+def on_a_terminal(p: Project, *args: str) -> str:
+    """Run ``doit args`` with its stdout on a pseudo-terminal; what it wrote there."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "doit", *args], cwd=p.root, env=p.env({"TERM": "xterm"}),
+                            stdout=slave, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the terminal's other side is closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=900) == 0, proc.stderr.read().decode()[-3000:]
+    return out.decode(errors="replace")
+
+
 def test_plan_estimates_a_second_cold_build_within_30_percent(built, tmp_path):
     p = built[0].copy(tmp_path / "second")
     fresh = p.copy(tmp_path / "fresh")
@@ -365,9 +388,12 @@ def test_plan_estimates_a_second_cold_build_within_30_percent(built, tmp_path):
     assert {t["basis"] for t in planned["tasks"] if t["verdict"] != "up-to-date"} == {"same task"}
     text = p.doit("plan").stdout.splitlines()[-2]
     assert text.startswith(f"estimate: about ") and f"for {LEAVES} steps (history of 1 build)" in text
-    p.doit()
+    shown = on_a_terminal(p)  # the build, its output on a terminal: the live line says the time left
     actual = json.loads((p.root / "artifacts" / "last_build.json").read_text())["seconds"]
     assert abs(estimate["seconds"] - actual) <= 0.3 * actual, (estimate["seconds"], actual)
+    assert set(p.last_build().values()) == {"built", "up-to-date"}
+    live = [part for part in shown.split("\r") if part.startswith("\033[K  running ")]
+    assert live and all(re.search(r", (about|at least) [0-9][^,\]]* left", part) for part in live), shown[-3000:]
     # a leaf never built: same step, scaled by its input size (its checkpoint is there)
     sets = json.loads((p.root / "shape_sets.json").read_text())
     sets["tiny"]["prefill"].append(64)

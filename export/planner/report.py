@@ -175,9 +175,12 @@ def _spark(values: list, colour: str) -> str:
         return ""
     w, h, top = 120, 24, max(v for _, v in pts) or 1
     n = max(len(values) - 1, 1)
-    xy = " ".join(f"{round(2 + (w - 4) * i / n, 1)},{round(h - 2 - (h - 4) * v / top, 1)}" for i, v in pts)
+    xy = [(round(2 + (w - 4) * i / n, 1), round(h - 2 - (h - 4) * v / top, 1)) for i, v in pts]
+    line = " ".join(f"{x},{y}" for x, y in xy)
+    last = xy[-1]  # the latest build, marked (alone, it is the whole trend)
     return (f"<svg xmlns='http://www.w3.org/2000/svg' class=spark width='{w}' height='{h}' viewBox='0 0 {w} {h}'>"
-            f"<polyline points='{xy}' fill='none' stroke='{colour}' stroke-width='1.5'/></svg>")
+            f"<polyline points='{line}' fill='none' stroke='{colour}' stroke-width='1.5'/>"
+            f"<circle cx='{last[0]}' cy='{last[1]}' r='2.5' fill='{colour}'/></svg>")
 
 
 def _trends_html(trends: dict, counts: dict) -> list[str]:
