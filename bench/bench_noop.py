@@ -59,7 +59,7 @@ PRIME = textwrap.dedent('''
     import dodo
     from doit.dependency import Dependency, SqliteDB
     from doit.loader import load_tasks
-    from export import tasks as T
+    from export.planner import tasks as T
 
     tasks = {t.name: t for t in load_tasks(vars(dodo))}
     dep = Dependency(SqliteDB, ".export/doit.sqlite", checker_cls=T.ContentChecker)
@@ -88,7 +88,7 @@ PRIME = textwrap.dedent('''
                 step, kwargs, outputs, full, key, inputs = action.args
                 for p in outputs:
                     write(p)
-                task.values = {"outputs": {T._rel(p): T._stat().any(p) for p in outputs}}
+                task.values = {"outputs": {T.rel(p): T._stat().any(p) for p in outputs}}
                 for utd, _, _ in task.uptodate:  # what doit's up-to-date check computes before saving
                     if hasattr(utd, "_calc_digest"):
                         utd.config_digest = utd._calc_digest()

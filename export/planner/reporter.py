@@ -279,7 +279,7 @@ class BuildReporter(ConsoleReporter):
             noop.write(self.state_path, sys.argv, S.config.root, S.config.artifacts,
                        [S.config.root / "pyproject.toml", S.config.shape_sets_file], tasks, self.record_path)
         except Exception as e:  # the fast path is an optimization: without a stamp the next no-op checks everything
-            self.write(f"warning: could not write {self.state_path / 'noop-stamp.json'}: {e}\n")
+            self.write(f"warning: could not write {self.state_path / 'noop-stamp.bin'}: {e}\n")
 
     def summary(self, seconds: float) -> str:
         """The table of the tasks that did something, and one line of counts."""
