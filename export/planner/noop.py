@@ -205,7 +205,6 @@ def fast_path(dodo_file: str, argv: list[str]) -> None:
 def _noop(stamp: dict, state: Path) -> None:
     import json
 
-    from .. import atomic
     from . import history
 
     names = stamp["tasks"]
@@ -216,8 +215,10 @@ def _noop(stamp: dict, state: Path) -> None:
     seconds = time.time() - born if born is not None else 0.0
     record["seconds"] = round(seconds, 3)
     try:
-        atomic.write_text(Path(stamp["record"]), json.dumps(record, indent=None if len(names) > 200 else 2,
-                                                            sort_keys=True) + "\n")
+        target = Path(stamp["record"])  # renamed into place, not synced: a no-op's record is a convenience
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=None if len(names) > 200 else 2, sort_keys=True) + "\n")
+        os.replace(tmp, target)
         history.append(state, record)
     except OSError as e:
         print(f"warning: could not record the no-op build: {e}", file=sys.stderr)
