@@ -63,11 +63,13 @@ class BuildReporter(ConsoleReporter):
     verbosity: int = 1               # doit's -v (set by the run command): 2 lists the up-to-date tasks too
     lanes: int = 1                   # doit's -n
 
+    config = None                    # the project's export.config.Config: where the no-op stamp looks
+
     @classmethod
-    def writing_to(cls, record_path: Path, state_path: Path | None = None) -> type:
+    def writing_to(cls, record_path: Path, state_path: Path | None = None, config=None) -> type:
         """This reporter, writing its record to ``record_path`` and the history to ``state_path``
         (doit makes the reporter from a class)."""
-        return type(cls.__name__, (cls,), {"record_path": Path(record_path),
+        return type(cls.__name__, (cls,), {"record_path": Path(record_path), "config": config,
                                            "state_path": None if state_path is None else Path(state_path)})
 
     def __init__(self, outstream, options):
@@ -261,7 +263,7 @@ class BuildReporter(ConsoleReporter):
         """After a build where nothing failed: the stamp of the fast no-op (export/noop.py)."""
         from ..settings import nightly
 
-        if self.state_path is None or not self.records or nightly():
+        if self.state_path is None or self.config is None or not self.records or nightly():
             return
         if any(r["status"] not in ("up-to-date", "built", "restored") for r in self.records.values()):
             return
@@ -269,15 +271,15 @@ class BuildReporter(ConsoleReporter):
             import sys
 
             from . import noop
-            from .tasks import S
 
             tasks = {}
             for n in self.records:
                 task = self._tasks[n]
                 outputs = self.records[n].get("outputs") or (task.values or {}).get("outputs")
                 tasks[n] = _Stamped(task.actions, task.file_dep, {"outputs": outputs} if outputs else {})
-            noop.write(self.state_path, sys.argv, S.config.root, S.config.artifacts,
-                       [S.config.root / "pyproject.toml", S.config.shape_sets_file], tasks, self.record_path)
+            c = self.config
+            noop.write(self.state_path, sys.argv, c.root, c.artifacts, [c.root / "pyproject.toml", c.shape_sets_file],
+                       tasks, self.record_path)
         except Exception as e:  # the fast path is an optimization: without a stamp the next no-op checks everything
             self.write(f"warning: could not write {self.state_path / 'noop-stamp.bin'}: {e}\n")
 

@@ -115,7 +115,7 @@ def setup(dodo_file: str, argv: list[str]) -> dict:
     state = root / STATE_DIR
     state.mkdir(exist_ok=True)
     if lock.command_of(argv) in lock.READ_ONLY:  # plan, why, graph, list...: the code keys too read it, never write it
-        from .plan import ReadOnlyStatCache
+        from ..digest import ReadOnlyStatCache
 
         S.stat = ReadOnlyStatCache(state / "stat-cache.sqlite")
     else:
@@ -127,7 +127,7 @@ def setup(dodo_file: str, argv: list[str]) -> dict:
         "dep_file": str(state / "doit.sqlite"),
         "backend": "sqlite3",
         "check_file_uptodate": ContentChecker,
-        "reporter": BuildReporter.writing_to(S.config.artifacts / LAST_BUILD, state),
+        "reporter": BuildReporter.writing_to(S.config.artifacts / LAST_BUILD, state, S.config),
         "default_tasks": ["checkpoint", "export_pytorch", "convert_coreml", "bundle_coreml", "prune_artifacts"],
         "verbosity": 1,
     }
