@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
@@ -401,3 +402,30 @@ def test_plan_estimates_a_second_cold_build_within_30_percent(built, tmp_path):
     planned = {t["task"]: t for t in json.loads(p.doit("plan", "--json").stdout)["tasks"]}
     assert planned["export_pytorch:student.prefill.T64"]["basis"] == "same step, scaled by input size"
     assert planned["export_pytorch:student.prefill.T64"]["seconds"] > 0
+
+
+def test_fast_no_op_stops_before_the_graph_and_trusts_only_unchanged_stats(built, tmp_path):
+    p = built[0].copy(tmp_path / "fast")
+    time.sleep(2.1)  # files younger than 2 s are not trusted (export/planner/noop.py RACY_SECONDS): no stamp
+    p.doit()  # a copy: every stat differs, doit checks every task, and stamps what it found
+    assert (p.root / ".export" / "noop-stamp.bin").exists()
+
+    def loaded_graph(r) -> bool:
+        return any(line.rstrip().endswith("| export.planner.tasks") for line in r.stderr.splitlines())
+
+    r = p.doit(python_args=("-X", "importtime"))
+    assert re.fullmatch(rf"{len(p.last_build())} tasks up to date \(\d+\.\d s\)\n", r.stdout) and not loaded_graph(r)
+    assert set(p.last_build().values()) == {"up-to-date"} and history.read(p.root / ".export")[-1]["noop"]
+    # another setting in the environment: the ordinary way (nothing to do all the same)
+    r = p.doit(python_args=("-X", "importtime"), env={"MODEL_EXPORT_MEMORY_BUDGET_MB": "5000"})
+    assert loaded_graph(r) and set(p.last_build().values()) == {"up-to-date"}
+    p.doit()  # back to the plain command line: stamped again
+    assert not loaded_graph(p.doit(python_args=("-X", "importtime")))
+    # a byte changed in place inside a package, its size the same: not up to date, restored from the cache
+    pkg = p.root / "artifacts" / "student" / "coreml" / "decode_T16.mlpackage"
+    victim = next(f for f in pkg.rglob("model.mlmodel"))
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    r = p.doit(python_args=("-X", "importtime"))
+    assert loaded_graph(r) and p.restored() == {"convert_coreml:student.decode.T16"}, r.stdout
