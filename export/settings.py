@@ -79,3 +79,8 @@ def nightly() -> bool:
 
 def set_nightly() -> None:
     os.environ[NIGHTLY] = "1"
+
+
+def environment() -> dict[str, str]:
+    """Every setting the environment gives now: what the fast no-op's stamp holds (export/planner/noop.py)."""
+    return {k: os.environ[k] for k in ALL if k in os.environ}

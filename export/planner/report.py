@@ -1,9 +1,12 @@
 """The build report: ``<artifacts>/report.json`` and a readable, self-contained ``report.html``.
 
 Made from a build's record (what ``last_build.json`` holds: each task's status, seconds, peak
-memory, output sizes) and each model's aggregate contract (``<artifacts>/<model>/contract.json``).
-Written by the reporter at the end of every build, and by ``doit report`` from the last record.
-Plain data in, files out; no torch, no config.
+memory, output sizes, its span on its lane), each model's aggregate contract
+(``<artifacts>/<model>/contract.json``) and the history of builds (export/history.py): the timeline
+of the build (inline SVG, export/timeline.py, with the memory reserved beneath) and the trend of each
+step's seconds and peak memory. Written by the reporter at the end of every build that did
+something (a no-op leaves it), and by ``doit report`` from the latest such build.
+Plain data in, files out; no torch, no config, no JavaScript, nothing fetched.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import time
 from pathlib import Path
 
 from .. import atomic
+from . import history, timeline
 
 STATUSES = ("built", "restored", "up-to-date", "failed", "not-run")
 
@@ -21,8 +25,9 @@ def _step(name: str) -> str:
     return name.split(":", 1)[0]
 
 
-def build_report(artifacts: Path, record: dict) -> dict:
-    """The report of one build: ``record`` is ``{"tasks": {name: rec}, "started": ..., "seconds": ...}``."""
+def build_report(artifacts: Path, record: dict, state: Path | None = None) -> dict:
+    """The report of one build: ``record`` is ``{"tasks": {name: rec}, "started": ..., "seconds": ...}``;
+    ``state``: the state folder whose history gives the trends."""
     tasks = record.get("tasks", {})
     rows = []
     for name, rec in sorted(tasks.items()):
@@ -49,7 +54,17 @@ def build_report(artifacts: Path, record: dict) -> dict:
         "steps": steps,
         "tasks": rows,
         "models": models(artifacts),
+        "timeline": timeline.trace(record),
+        "trends": history.trends(history.builds(state)) if state is not None else {},
+        "history": _history_counts(state),
     }
+
+
+def _history_counts(state: Path | None) -> dict:
+    if state is None:
+        return {"builds": 0, "noops": 0}
+    entries = history.read(state)
+    return {"builds": sum(1 for e in entries if not e.get("noop")), "noops": sum(1 for e in entries if e.get("noop"))}
 
 
 def models(artifacts: Path) -> dict:
@@ -81,6 +96,7 @@ th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .built{color:#b35c00}.restored{color:#1f5fa8}.up-to-date{color:#2e7d32}.failed,.not-run{color:#c62828}
 .bar{display:inline-block;height:.7em;background:#e8a33d;vertical-align:middle}
 code{font-size:.92em}.muted{color:#777}
+svg.timeline{max-width:100%;height:auto;border:1px solid #eee}
 """
 
 
@@ -118,6 +134,12 @@ def to_html(report: dict) -> str:
         f"<p>Started {_e(report.get('started'))}, {_e(report.get('seconds'))} s. "
         + ", ".join(f"<span class='{s}'>{n} {s}</span>" for s, n in c.items() if n)
         + f". Cache: {cache['hits']} hits, {cache['misses']} misses (hit rate {hit}).</p>",
+        "<h2>Timeline</h2>",
+        "<p class=muted>One row per lane (the doit process, each process of <code>doit -n N</code>, each Dask worker); "
+        "each task that ran, coloured by status, with its memory waits and cache restores beneath it; the memory the "
+        "running steps reserved under the budget. The same data as <code>trace.json</code> (open it in "
+        "ui.perfetto.dev or chrome://tracing).</p>",
+        timeline.to_svg(report["timeline"]) if report.get("timeline") else "<p class=muted>No timeline.</p>",
         "<h2>Steps</h2><table><tr><th>step</th><th>tasks</th><th>built</th><th>restored</th><th>up to date</th>"
         "<th>failed</th><th>seconds</th></tr>",
     ]
@@ -125,7 +147,9 @@ def to_html(report: dict) -> str:
         parts.append(f"<tr><td>{_e(step)}</td><td class=n>{s['tasks']}</td><td class=n>{s['built']}</td>"
                      f"<td class=n>{s['restored']}</td><td class=n>{s['up-to-date']}</td>"
                      f"<td class=n>{s['failed'] + s['not-run']}</td><td class=n>{s['seconds']:.1f}</td></tr>")
-    parts.append("</table><h2>Tasks</h2><table><tr><th>task</th><th>status</th><th>seconds</th><th></th>"
+    parts.append("</table>")
+    parts += _trends_html(report.get("trends") or {}, report.get("history") or {})
+    parts.append("<h2>Tasks</h2><table><tr><th>task</th><th>status</th><th>seconds</th><th></th>"
                  "<th>peak memory</th><th>size</th></tr>")
     for r in report["tasks"]:
         secs = r["seconds"]
@@ -155,3 +179,35 @@ def to_html(report: dict) -> str:
         parts.append("</table>")
     parts.append(f"<p class=muted>Generated {_e(report['generated'])} by model-export.</p></body></html>\n")
     return "\n".join(parts)
+
+
+def _spark(values: list, colour: str) -> str:
+    """A small inline SVG line of ``values`` (None skipped), oldest left."""
+    pts = [(i, v) for i, v in enumerate(values) if v is not None]
+    if not pts:
+        return ""
+    w, h, top = 120, 24, max(v for _, v in pts) or 1
+    n = max(len(values) - 1, 1)
+    xy = [(round(2 + (w - 4) * i / n, 1), round(h - 2 - (h - 4) * v / top, 1)) for i, v in pts]
+    line = " ".join(f"{x},{y}" for x, y in xy)
+    last = xy[-1]  # the latest build, marked (alone, it is the whole trend)
+    return (f"<svg xmlns='http://www.w3.org/2000/svg' class=spark width='{w}' height='{h}' viewBox='0 0 {w} {h}'>"
+            f"<polyline points='{line}' fill='none' stroke='{colour}' stroke-width='1.5'/>"
+            f"<circle cx='{last[0]}' cy='{last[1]}' r='2.5' fill='{colour}'/></svg>")
+
+
+def _trends_html(trends: dict, counts: dict) -> list[str]:
+    parts = [f"<h2>Trends</h2><p class=muted>Each step's built seconds (summed over its tasks) and largest peak memory in "
+             f"the last {counts.get('builds', 0)} builds that did something (oldest left; "
+             f"{counts.get('noops', 0)} no-op builds since are not drawn).</p>"]
+    if not trends:
+        return parts + ["<p class=muted>No history yet.</p>"]
+    parts.append("<table><tr><th>step</th><th>builds</th><th>last seconds</th><th>seconds</th>"
+                 "<th>last peak</th><th>peak memory</th></tr>")
+    for step, t in trends.items():
+        peak = t["peak_mb"][-1]
+        parts.append(f"<tr><td>{_e(step)}</td><td class=n>{len(t['seconds'])}</td>"
+                     f"<td class=n>{t['seconds'][-1]:.1f}</td><td>{_spark(t['seconds'], '#e8a33d')}</td>"
+                     f"<td class=n>{'' if peak is None else f'{peak:,.0f} MB'}</td><td>{_spark(t['peak_mb'], '#3182bd')}</td></tr>")
+    parts.append("</table>")
+    return parts

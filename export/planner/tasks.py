@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from doit.dependency import FileChangedChecker
@@ -115,7 +116,12 @@ def setup(dodo_file: str, argv: list[str]) -> dict:
         signal.signal(signal.SIGINT, _interrupted)
     state = root / STATE_DIR
     state.mkdir(exist_ok=True)
-    S.stat = StatCache(state / "stat-cache.sqlite")
+    if lock.command_of(argv) in lock.READ_ONLY:  # plan, why, graph, list...: the code keys too read it, never write it
+        from ..digest import ReadOnlyStatCache
+
+        S.stat = ReadOnlyStatCache(state / "stat-cache.sqlite")
+    else:
+        S.stat = StatCache(state / "stat-cache.sqlite")
     S.code = CodeKeys(S.stat)
     lock.acquire(state / "lock", argv)
     depfile.check(state / "doit.sqlite", repair=lock.command_of(argv) not in lock.READ_ONLY)
@@ -123,7 +129,7 @@ def setup(dodo_file: str, argv: list[str]) -> dict:
         "dep_file": str(state / "doit.sqlite"),
         "backend": "sqlite3",
         "check_file_uptodate": ContentChecker,
-        "reporter": BuildReporter.writing_to(S.config.artifacts / LAST_BUILD),
+        "reporter": BuildReporter.writing_to(S.config.artifacts / LAST_BUILD, state, S.config),
         "default_tasks": ["checkpoint", "export_pytorch", "convert_coreml", "verify_coreml", "bundle_coreml",
                           "prune_artifacts"],
         "verbosity": 1,
@@ -227,11 +233,11 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
     With ``MODEL_EXPORT_NIGHTLY=1`` nothing is restored: every step runs, and each output digest is
     compared with the cached one (``reproducible`` in the task's values).
     """
-    import time
-
     from ..cache.store import StepOutputsMissing, finish_step
     from ..runner import worker
 
+    entered = time.time()  # the timeline (export/planner/timeline.py): this action's span on its lane, and its phases
+    lane = os.getpid()     # a doit process: the main one, or one of ``doit -n N``
     rels = [rel(p) for p in outputs]
     roles, where = output_roles(rels)
     akey = action_key(key, inputs)
@@ -240,19 +246,25 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
     state = S.config.root / STATE_DIR
     # before anything is written: where this step's outputs and their temporaries may appear
     written.intend(state, rels + ([rel(Path(kwargs["out_dir"]) / ".write-check")] if "out_dir" in kwargs else []))
+    in_bytes = input_bytes(kwargs, inputs)
     if not nightly:
         restored = cache.get(akey, S.config.root, roles, where)
         if restored is not None:
             written.wrote(state, restored)
+            done = time.time()
             return {"outputs": restored, "restored": True, "action_key": akey,
-                    "sizes": {rel: _size(p) for rel, p in zip(rels, outputs)}, **_verdict(step, outputs)}
+                    "sizes": {rel: _size(p) for rel, p in zip(rels, outputs)}, "input_bytes": in_bytes,
+                    "lane": lane, "span": [entered, done], "phases": [["cache restore", entered, done]],
+                    **_verdict(step, outputs)}
+    looked = time.time()
     log = S.config.root / STATE_DIR / "logs" / f"{task_name.replace(':', '__')}.log"
     need = need_mb(step, kwargs, inputs)
     address = dask_address()
     if address:
-        return _run_on_cluster(address, step, kwargs, outputs, task_name, key, inputs, akey, need, log, nightly, arch)
+        return _run_on_cluster(address, step, kwargs, outputs, task_name, key, inputs, akey, need, log, nightly, arch,
+                               entered=entered, in_bytes=in_bytes)
     try:
-        with _ledger().reserve(task_name, need):
+        with _ledger().reserve(task_name, need) as held:
             started, wall = time.monotonic(), time.time()
             measured = worker.run(step, kwargs, log)
             ended = time.time()
@@ -261,6 +273,7 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
     except worker.StepFailed as e:
         return TaskFailed(f"error: {task_name}: {e}")
     seconds = round(time.monotonic() - started, 3)
+    publish = time.time()
     try:
         done = finish_step(cache, akey, S.config.root, rels, {"task": task_name, "seconds": seconds,
                                                               "toolchain": key["tools"]},
@@ -269,12 +282,19 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
         return TaskFailed(f"error: {task_name}: the step did not write {e.missing} (log: {log})")
     written.wrote(state, done.digests)
     values = {"outputs": done.digests, "sizes": {rel: _size(p) for rel, p in zip(rels, outputs)}, "action_key": akey,
-              "seconds": seconds, "peak_mb": measured["peak_mb"], "reserved_mb": need, "started": wall, "ended": ended}
+              "seconds": seconds, "peak_mb": measured["peak_mb"], "reserved_mb": need, "started": wall, "ended": ended,
+              "input_bytes": in_bytes, "lane": lane, "held": held["held"], "budget_mb": held["budget_mb"]}
     if nightly:
         values["cached"], values["reproducible"] = done.cached, done.reproducible
     if done.uploaded:
         values["uploaded"] = done.uploaded
     values.update(_verdict(step, outputs))
+    phases = [["cache lookup", entered, looked]]
+    if held["waited"]:
+        phases.append(["memory wait", *held["waited"]])
+    phases.append(["cache publish", publish, time.time()])  # the outputs' digests, and the cache entry
+    values["phases"] = phases
+    values["span"] = [entered, time.time()]
     return values
 
 
@@ -293,7 +313,8 @@ def dask_address() -> str | None:
 
 
 def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], task_name: str, key: dict,
-                    inputs: list[str], akey: str, need: int, log: Path, nightly: bool, arch: str | None):
+                    inputs: list[str], akey: str, need: int, log: Path, nightly: bool, arch: str | None,
+                    entered: float | None = None, in_bytes: int | None = None):
     """``run_step`` on a Dask cluster (export/runner/cluster.py): publish the inputs to the shared cache,
     run the step on a worker holding ``need`` MB, restore its outputs from the shared cache."""
     from ..runner import cluster
@@ -339,17 +360,23 @@ def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], 
                           f"{cache.remote_url} (entry {result['key']})")
     values = {"outputs": restored, "sizes": {rel: _size(p) for rel, p in zip(rels, outputs)}, "action_key": akey,
               "seconds": result["seconds"], "peak_mb": result["peak_mb"], "reserved_mb": need,
-              "started": result["started"], "ended": result["ended"], "worker": result["worker"]}
+              "started": result["started"], "ended": result["ended"], "worker": result["worker"],
+              "input_bytes": in_bytes, "lane": result["worker"], "span": [entered or result["started"], time.time()]}
     if nightly:
         values["cached"], values["reproducible"] = result["cached"], result["reproducible"]
+    values.update(_verdict(step, outputs))
     return values
+
+
+def input_bytes(kwargs: dict, inputs: list[str]) -> int:
+    """The bytes a step reads: its input files, and the packages a bundle merges."""
+    data = sum(_size(S.config.root / rel) for rel in inputs if (S.config.root / rel).exists())
+    return data + sum(_size(Path(p)) for p in kwargs.get("packages", ()) if Path(p).exists())
 
 
 def need_mb(step: str, kwargs: dict, inputs: list[str]) -> int:
     """The memory ``step`` reserves: its record's estimate from the bytes it reads (export/stepdefs.py)."""
-    data = sum(_size(S.config.root / rel) for rel in inputs if (S.config.root / rel).exists())
-    data += sum(_size(Path(p)) for p in kwargs.get("packages", ()) if Path(p).exists())
-    return STEPS[step].need_mb(data)
+    return STEPS[step].need_mb(input_bytes(kwargs, inputs))
 
 
 def _ledger():
