@@ -6,8 +6,9 @@ torch or coremltools.
 """
 import sys
 
-from export import tasks
-from export.tasks import (  # noqa: F401  (doit finds task_* here)
-    task_bundle_coreml, task_checkpoint, task_convert_coreml, task_export_pytorch, task_prune_artifacts)
+from export.planner import tasks
+from export.planner.tasks import (  # noqa: F401  (doit finds task_* here)
+    task_bundle_coreml, task_checkpoint, task_convert_coreml, task_export_onnx, task_export_pytorch,
+    task_prune_artifacts)
 
 DOIT_CONFIG = tasks.setup(__file__, sys.argv)

@@ -39,7 +39,7 @@ QUICK = dict(vocab_size=1024, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, 
 def make_checkpoint(path: Path, config: dict) -> int:
     code = (
         "import torch, sys\n"
-        "from export import checkpoint\nfrom export.models import get\nfrom export.models.common import config_from_dict\n"
+        "from export import checkpoint\nfrom export.models.registry import get\nfrom export.models.common import config_from_dict\n"
         f"arch = get('student'); cfg = config_from_dict(arch.config_cls, {config!r})\n"
         "torch.manual_seed(0); m = arch.build(cfg)\n"
         f"checkpoint.save({str(path)!r}, 'student', cfg, m.state_dict())\n"

@@ -64,7 +64,7 @@ def make_checkpoint(path: Path, quick: bool) -> dict:
     import torch
 
     from export import checkpoint
-    from export.models import get
+    from export.models.registry import get
 
     if quick:
         checkpoint.make_demo(path, "student")

@@ -33,7 +33,7 @@ def checkpoint_of_size(path: Path, target_bytes: int) -> int:
     import torch
 
     from export import checkpoint
-    from export.models import get
+    from export.models.registry import get
     from export.models.common import config_from_dict
 
     d = 64

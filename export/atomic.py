@@ -28,11 +28,29 @@ def _umask() -> int:
     return mask
 
 
-def remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+def remove(path: Path, *, ignore_errors: bool = False) -> None:
+    """Remove a file, a link or a directory tree; nothing there is fine."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=ignore_errors)
+        elif path.exists() or path.is_symlink():
+            path.unlink(missing_ok=True)
+    except OSError:
+        if not ignore_errors:
+            raise
+
+
+def replace(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` over ``target``. rename() cannot replace a non-empty directory: a directory
+    there is moved aside first (a ``.tmp`` name beside it, which prune_artifacts knows) and removed."""
+    if target.is_dir() and not target.is_symlink():
+        old = _tmp_beside(target, True)
+        os.rmdir(old)
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
 
 
 @contextmanager
@@ -48,15 +66,7 @@ def atomic_path(target: Path | str, *, is_dir: bool = False):
         raise ExportError(f"cannot write here: {e.strerror}", file=target.parent, field="output folder") from None
     try:
         yield tmp
-        if is_dir and target.is_dir():
-            # rename() cannot replace a non-empty directory: move the old one aside first.
-            old = _tmp_beside(target, True)
-            os.rmdir(old)
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace(tmp, target)
         _fsync_dir(target.parent)
     except BaseException:
         remove(tmp)

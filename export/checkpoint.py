@@ -29,7 +29,7 @@ import torch
 from . import atomic
 from .checkpoint_files import FOLDER_FILES
 from .errors import ExportError, cli_errors
-from .models import get
+from .models.registry import get
 from .models.common import config_from_dict
 
 FORMAT = "model-export-checkpoint"

@@ -14,7 +14,7 @@ modes = ["prefill", "decode"]      # default: every mode of the architecture
 formats = ["exported_program"]     # export formats: exported_program, torchscript
 convert_from = "exported_program"  # which export Core ML converts
 dtype = "fp32"                     # export dtype: fp32 | fp16
-coreml = { compute_precision = "fp16" }   # Core ML options, see export.coreml_options
+coreml = { compute_precision = "fp16" }   # Core ML options, see export.coreml.options
 
 [tool.export.cache]                # optional
 local = "~/.cache/model-export"    # shared by checkouts; $MODEL_EXPORT_CACHE
@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import shape_sets as shape_sets_mod
-from .coreml_options import CoreMLOptions
+from .coreml.options import CoreMLOptions
 from .errors import ExportError
+from .contract import FORMATS as EXPORT_FORMATS
 from .models.names import ARCHITECTURE_MODES, ARCHITECTURE_NAMES, DEMO_ARCHITECTURES
 
 if sys.version_info >= (3, 11):
@@ -45,7 +46,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-FORMATS = ("exported_program", "torchscript")
+FORMATS = tuple(sorted(EXPORT_FORMATS))  # exported_program, torchscript
 TOP_KEYS = {"artifacts", "shape_sets", "models", "cache", "memory_budget_mb", "dask"}
 CACHE_KEYS = {"local", "remote", "read_only"}
 DASK_KEYS = {"scheduler", "lanes"}

@@ -28,7 +28,8 @@ from .errors import ExportError
 
 SCHEMA = "model-export/contract"
 SCHEMA_VERSION = 1
-FORMATS = {"torchscript": ".pt", "exported_program": ".pt2"}
+FORMATS = {"torchscript": ".pt", "exported_program": ".pt2"}  # export format -> file suffix
+KV_CACHE_STYLES = ("explicit", "state")  # caches as inputs and outputs, or as Core ML states
 DTYPES = ("int32", "float16", "float32")
 
 _TENSOR = {
@@ -50,7 +51,7 @@ _ENTRY_PROPS = {
     "inputs": {"type": "array", "items": _TENSOR, "minItems": 1},
     "outputs": {"type": "array", "items": _TENSOR, "minItems": 1},
     "states": {"type": "array", "items": _TENSOR},
-    "kv_cache": {"enum": ["explicit", "state"]},
+    "kv_cache": {"enum": list(KV_CACHE_STYLES)},
     "exports": {
         "type": "object",
         "propertyNames": {"enum": list(FORMATS)},

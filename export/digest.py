@@ -34,13 +34,18 @@ def tree_files(root: Path | str) -> list[str]:
     return sorted(out)
 
 
+def tree_digest_of(files: dict[str, str]) -> str:
+    """The digest of a directory holding exactly ``files`` (relative POSIX path -> file digest)."""
+    h = xxhash.xxh3_128()
+    for rel in sorted(files):
+        h.update(rel.encode() + b"\0" + files[rel].encode() + b"\n")
+    return h.hexdigest()
+
+
 def tree_digest(root: Path | str) -> str:
     """Digest of a directory: its sorted relative paths and their file digests."""
     root = Path(root)
-    h = xxhash.xxh3_128()
-    for rel in tree_files(root):
-        h.update(rel.encode() + b"\0" + file_digest(root / rel).encode() + b"\n")
-    return h.hexdigest()
+    return tree_digest_of({rel: file_digest(root / rel) for rel in tree_files(root)})
 
 
 def path_digest(path: Path | str) -> str:
@@ -76,6 +81,11 @@ class StatCache:
         return self._conn
 
     @staticmethod
+    def racy(st: os.stat_result) -> bool:
+        """Modified too recently to trust its stat: the file could change again within the same clock tick."""
+        return time.time() - st.st_mtime <= RACY_SECONDS
+
+    @staticmethod
     def _key(st: os.stat_result) -> str:
         return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
@@ -93,7 +103,7 @@ class StatCache:
             if row:
                 return row[0]
         digest = file_digest(path)
-        if db is not None and time.time() - st.st_mtime > RACY_SECONDS:
+        if db is not None and not self.racy(st):
             try:
                 db.execute("INSERT OR REPLACE INTO digests VALUES (?,?,?)", (path, key, digest))
             except sqlite3.Error:
@@ -103,10 +113,7 @@ class StatCache:
     def tree(self, root: Path | str) -> str:
         """Like ``tree_digest`` with every file digest from the cache."""
         root = Path(root)
-        h = xxhash.xxh3_128()
-        for rel in tree_files(root):
-            h.update(rel.encode() + b"\0" + self.file(root / rel).encode() + b"\n")
-        return h.hexdigest()
+        return tree_digest_of({rel: self.file(root / rel) for rel in tree_files(root)})
 
     def any(self, p: Path | str) -> str:
         """A file's or a directory's digest."""

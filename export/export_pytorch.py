@@ -15,9 +15,7 @@ import copy
 import contextlib
 import io
 import re
-import sys
 import zipfile
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -27,11 +25,11 @@ from .checkpoint import Loaded, load
 from .digest import bytes_digest
 from .errors import ExportError, cli_errors
 from .provenance import portable_source
+from .stepdefs import STEPS
 from .toolchain import versions
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "float32": torch.float32, "float16": torch.float16}
 EXAMPLE_SEED = 0
-STEP_TOOLS = ("torch", "numpy")  # what an export depends on (coremltools does not change its bytes)
 
 
 def _dtype_name(dtype: str) -> str:
@@ -99,8 +97,11 @@ def export_torchscript(wrapper, example) -> bytes:
     return _canonical_torchscript(buf.getvalue())
 
 
-def export_program(wrapper, example) -> bytes:
-    """``torch.export`` traces with fake tensors: no real forward pass, whatever T is."""
+def export_program(wrapper, example, keep=None) -> bytes:
+    """``torch.export`` traces with fake tensors: no real forward pass, whatever T is.
+
+    ``keep(digest, program, size)``, if given, receives the program with the digest of its saved bytes
+    (a worker that converts it next need not load the file again: export/runner/programs.py)."""
     ep = torch.export.export(wrapper, example, strict=False)
     ep._example_inputs = None  # else every .pt2 stores its (T-sized) example K/V cache
     for node in ep.graph.nodes:  # absolute source paths would make the bytes depend on the checkout
@@ -110,28 +111,9 @@ def export_program(wrapper, example) -> bytes:
     buf = io.BytesIO()
     torch.export.save(ep, buf)
     data = buf.getvalue()
-    if KEEP_PROGRAMS_BYTES:
-        keep_program(bytes_digest(data), ep, len(data))
+    if keep is not None:
+        keep(bytes_digest(data), ep, len(data))
     return data
-
-
-# A worker that exports and later converts the same programs keeps them (export.steps): converting one
-# then needs no torch.export.load of the file it wrote. Bounded by the programs' file sizes (an
-# overestimate: an fp32 program shares its weights with the loaded checkpoint).
-KEEP_PROGRAMS_BYTES = 0
-kept_programs: "OrderedDict[str, tuple[torch.export.ExportedProgram, int]]" = OrderedDict()
-
-
-def keep_program(digest: str, ep, size: int) -> None:
-    kept_programs[digest] = (ep, size)
-    while sum(n for _, n in kept_programs.values()) > KEEP_PROGRAMS_BYTES and kept_programs:
-        kept_programs.popitem(last=False)
-
-
-def take_program(digest: str):
-    """The kept ExportedProgram whose saved bytes have ``digest`` (then forgotten), or None."""
-    entry = kept_programs.pop(digest, None)
-    return None if entry is None else entry[0]
 
 
 EXPORTERS = {"torchscript": export_torchscript, "exported_program": export_program}
@@ -139,7 +121,7 @@ EXPORTERS = {"torchscript": export_torchscript, "exported_program": export_progr
 
 def export_entry(ck: Loaded, model: torch.nn.Module, out_dir: Path, *, model_name: str, mode: str, T: int,
                  formats: list[str], dtype: str = "fp32",
-                 checkpoint_digest: str | None = None, kv_cache: str = "explicit") -> dict:
+                 checkpoint_digest: str | None = None, kv_cache: str = "explicit", keep=None) -> dict:
     """Export one (mode, T) of a loaded model in each format; write its files and contract atomically.
 
     ``kv_cache="state"``: modes with a cache keep it in buffers updated in place
@@ -158,7 +140,7 @@ def export_entry(ck: Loaded, model: torch.nn.Module, out_dir: Path, *, model_nam
     blobs = {}
     with torch.no_grad():
         for fmt in formats:
-            blobs[fmt] = EXPORTERS[fmt](wrapper, example)
+            blobs[fmt] = export_program(wrapper, example, keep) if fmt == "exported_program" else EXPORTERS[fmt](wrapper, example)
     data = {
         "schema": contract.SCHEMA, "schema_version": contract.SCHEMA_VERSION,
         "model": model_name, "architecture": arch.name, "mode": mode, "T": T,
@@ -167,7 +149,7 @@ def export_entry(ck: Loaded, model: torch.nn.Module, out_dir: Path, *, model_nam
         "states": [t.to_json() for t in spec.states], "kv_cache": "state" if spec.states else "explicit",
         "exports": {fmt: {"file": stem + contract.FORMATS[fmt], "digest": bytes_digest(b)} for fmt, b in blobs.items()},
         "checkpoint": {"digest": checkpoint_digest or checkpoint_files.digest(ck.path)},
-        "toolchain": versions(STEP_TOOLS + arch.tools),
+        "toolchain": versions(STEPS["export_pytorch"].tools + arch.tools),
     }
     for fmt, blob in blobs.items():
         atomic.write_bytes(out_dir / (stem + contract.FORMATS[fmt]), blob)
@@ -177,7 +159,7 @@ def export_entry(ck: Loaded, model: torch.nn.Module, out_dir: Path, *, model_nam
 
 def export_model(checkpoint: Path | str, out_dir: Path | str, *, modes: list[str] | None = None,
                  enumerated_T: list[int] | dict[str, list[int]] | None = None,
-                 formats: list[str] = ("torchscript", "exported_program"), dtype: str = "fp32",
+                 formats: list[str] = tuple(contract.FORMATS), dtype: str = "fp32",
                  model_name: str | None = None, shape_sets_file: Path | str | None = None,
                  shape_set: str | None = None, kv_cache: str = "explicit") -> dict:
     """Export every (mode, T) of a checkpoint; returns the aggregate contract (also written as contract.json).
@@ -259,7 +241,7 @@ def main(argv=None) -> None:
                    help="'both' means every mode the architecture has")
     p.add_argument("--enumerated-T", nargs="+", type=parse_T, metavar="T",
                    help="sequence lengths (default: the model's shape set in shape_sets.json)")
-    p.add_argument("--format", default="both", choices=["torchscript", "exported_program", "both"])
+    p.add_argument("--format", default="both", choices=[*contract.FORMATS, "both"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
     p.add_argument("--kv-cache", default="explicit", choices=["explicit", "state"],
                    help="decode's K/V cache: inputs/outputs, or in-place buffers (Core ML states, iOS18+)")
@@ -267,7 +249,7 @@ def main(argv=None) -> None:
     p.add_argument("--shape-sets", type=Path, help="shape sets file (default: ./shape_sets.json)")
     p.add_argument("--shape-set", help="which shape set (default: the architecture's name, else 'default')")
     args = p.parse_args(argv)
-    formats = ["torchscript", "exported_program"] if args.format == "both" else [args.format]
+    formats = list(contract.FORMATS) if args.format == "both" else [args.format]
     with cli_errors():
         modes = None if args.mode == "both" else [args.mode]
         agg = export_model(args.checkpoint, args.out, modes=modes, enumerated_T=args.enumerated_T, formats=formats,

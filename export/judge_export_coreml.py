@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import bundle, contract, convert_coreml, export_pytorch
+from .coreml import bundle, convert as convert_coreml
+from . import contract, export_pytorch
 from .checkpoint import load
 from .errors import ExportError, cli_errors
 

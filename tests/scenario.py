@@ -76,7 +76,7 @@ def _student_checkpoint(seed: int) -> bytes:
     import torch
 
     from export import checkpoint
-    from export.models import get
+    from export.models.registry import get
     from export.models.common import config_from_dict
 
     arch = get("student")

@@ -1,4 +1,4 @@
-"""Bad input, case by case, on a copy of a built tiny project (DESIGN.md invariant 6):
+"""Bad input, case by case, on a copy of a built tiny project (docs/architecture.md: bad input):
 one clear ``error:`` line naming the file and the field, a non-zero exit, no
 traceback, and nothing lost: the artifacts and the cache are the same bytes
 before and after. Cache entries that are damaged are dropped and rebuilt instead.
@@ -104,7 +104,7 @@ def safetensors_checkpoint(header_fn):
     """Point the model at a .safetensors checkpoint whose header is rewritten by ``header_fn``."""
     def brk(p: Project):
         st = "checkpoints/student.safetensors"
-        ck_python("from export.models import get\nfrom export.models.common import config_from_dict\n"
+        ck_python("from export.models.registry import get\nfrom export.models.common import config_from_dict\n"
                   "arch = get('student'); cfg = config_from_dict(arch.config_cls, STUDENT)\n"
                   "checkpoint.save(out, 'student', cfg, arch.build(cfg).state_dict())", path=st)(p)
         f = p.root / st

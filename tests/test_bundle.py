@@ -10,9 +10,9 @@ import pytest
 from conftest import files_of, run_module
 from coreml_helpers import TS, entry, export_tiny, leftovers
 from export import contract as contract_mod
-from export.bundle import bundle
-from export.convert_coreml import convert
-from export.coreml_spec import describe, function_descriptions
+from export.coreml.bundle import bundle
+from export.coreml.convert import convert
+from export.coreml.spec import describe, function_descriptions
 from export.errors import ExportError
 
 MODES = ("prefill", "decode")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from export.cache import Cache, main
+from export.cache.store import Cache, main
 from export.digest import file_digest, tree_digest
 from export.errors import ExportError
 
@@ -305,7 +305,7 @@ def test_symlink_inside_an_output_is_not_published(tmp_path):
 PUT_SCRIPT = r"""
 import os, signal, sys, time
 from pathlib import Path
-import export.cache as c
+import export.cache.store as c
 cache_dir, root, key, mode, go = sys.argv[1:6]
 if mode == "die-before-manifest":
     real = c.Cache._install

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from export.cache import Cache
+from export.cache.store import Cache
 from export.digest import file_digest, tree_digest
 from test_cache import OUTS, entry_manifest, make_outputs, new_cache, spawn_put
 

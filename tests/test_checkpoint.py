@@ -12,7 +12,7 @@ import torch
 
 from export import checkpoint
 from export.errors import ExportError
-from export.models import get
+from export.models.registry import get
 
 from conftest import run_module, tiny_model, write_checkpoint
 

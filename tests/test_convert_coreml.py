@@ -16,9 +16,9 @@ import torch
 from conftest import cli_env, files_of, run_module
 from coreml_helpers import TS, entry, export_tiny, leftovers
 from export import contract as contract_mod
-from export.convert_coreml import convert, package_digest
-from export.coreml_checks import unsupported_ops
-from export.coreml_spec import check_spec, describe
+from export.coreml.convert import convert, package_digest
+from export.coreml.checks import unsupported_ops
+from export.coreml.spec import check_spec, describe
 from export.digest import file_digest
 from export.errors import ExportError
 from export.toolchain import versions
@@ -216,7 +216,7 @@ def test_unsupported_ops_are_listed_by_name(tmp_path, fmt):
 
 def test_student_has_no_unsupported_ops(explicit):
     for fmt in FORMATS:
-        from export.convert_coreml import load_program
+        from export.coreml.convert import load_program
         for mode in ("prefill", "decode"):
             assert unsupported_ops(load_program(entry(explicit, mode, T, fmt)[0])[1]) == []
 

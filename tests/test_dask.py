@@ -1,4 +1,4 @@
-"""Builds on a Dask cluster (export.cluster): a LocalCluster of two worker processes started here,
+"""Builds on a Dask cluster (export.runner.cluster): a LocalCluster of two worker processes started here,
 the shared cache on a directory store and on a real S3 server (moto, 127.0.0.1).
 
 Each worker declares MEMORY_MB = 600 and has two threads; every step of these tiny projects

@@ -13,7 +13,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 from export import checkpoint, contract, export_pytorch
-from export.models import get
+from export.models.registry import get
 
 from conftest import FORMATS, REPO, TINY, TS, files_of, fork_module, load_program, load_torchscript, run_module, write_checkpoint
 from test_models import full_prefill, rollout_logits

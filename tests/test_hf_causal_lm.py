@@ -15,9 +15,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from export import bundle, checkpoint, convert_coreml, export_pytorch  # noqa: E402
-from export.convert_coreml import load_program  # noqa: E402
-from export.coreml_checks import check_supported, unsupported_ops  # noqa: E402
+from export.coreml import bundle, convert as convert_coreml
+from export import checkpoint, export_pytorch  # noqa: E402
+from export.coreml.convert import load_program  # noqa: E402
+from export.coreml.checks import check_supported, unsupported_ops  # noqa: E402
 from export.errors import ExportError  # noqa: E402
 
 from test_models import rollout_logits  # noqa: E402

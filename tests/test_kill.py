@@ -1,4 +1,4 @@
-"""Killing a real build at many moments (DESIGN.md invariant 1): SIGKILL of doit's whole
+"""Killing a real build at many moments (docs/architecture.md: outputs appear atomically): SIGKILL of doit's whole
 process group (planner and worker) during export, conversion, bundle, cache publish and
 manifest writing; then ``doit`` again. After every trial the build completes, every
 artifact has the bytes of a clean build, and the cache holds no entry whose blobs are
@@ -68,7 +68,7 @@ def _wait_for(proc, root: Path, trial: str, cold: float) -> bool:
 
 def check_cache(root: Path) -> None:
     """Every entry in ac/ parses and names blobs present with their digest and size."""
-    from export.cache import _blobs, _parse
+    from export.cache.store import _blobs, _parse
     from export.digest import file_digest
 
     for m in (root / "ac").rglob("*"):
@@ -177,7 +177,7 @@ def test_killed_parallel_build_recovers_slow(template_n2, reference_n2, tmp_path
 
 
 # --- doit's dependency file (.export/doit.sqlite) ---------------------------------------
-# The cache is the source of truth and the dependency file an optimization (DESIGN.md): a
+# The cache is the source of truth and the dependency file an optimization (docs/architecture.md): a
 # damaged one is said once, by name, set aside, and every step comes back from the cache.
 
 DEP = ".export/doit.sqlite"

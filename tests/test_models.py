@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from export.models import REGISTRY, get
+from export.models.registry import REGISTRY, get
 from export.models.names import ARCHITECTURE_MODES, ARCHITECTURE_NAMES
 
 from conftest import TINY, tiny_model

@@ -1,5 +1,5 @@
 """A worker converts the ExportedProgram it exported without loading the file again
-(export.steps), and the package is the same bytes the seed's two CLIs make."""
+(export.runner.steps), and the package is the same bytes the seed's two CLIs make."""
 from __future__ import annotations
 
 import subprocess

@@ -9,7 +9,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from export import graph
+from export.planner import graph
 from scenario import Project
 
 SVG = "{http://www.w3.org/2000/svg}"

@@ -1,4 +1,4 @@
-"""The step worker process (export.worker): it never outlives the process that started it."""
+"""The step worker process (export.runner.worker): it never outlives the process that started it."""
 from __future__ import annotations
 
 import os
@@ -15,7 +15,7 @@ from conftest import REPO
 PARENT = textwrap.dedent("""
     import subprocess, sys, time
     from pathlib import Path
-    from export import worker
+    from export.runner import worker
     w = worker._Worker(Path(sys.argv[1]))
     # another process keeps the request pipe open: the worker cannot see its parent die by an EOF
     holder = subprocess.Popen(["sleep", "600"], pass_fds=(w.requests.fileno(),))

@@ -1,18 +1,5 @@
-"""Architectures: ``get(name)`` returns an ``Architecture`` (see ``spec.py``).
+"""Architectures: ``registry.get(name)`` returns an ``Architecture`` (see ``spec.py``).
 
-Importing this package does not import torch (task generation imports
-``export.models.names``); ``get`` and ``REGISTRY`` load the models on first use.
+Importing this package imports nothing: task generation reads ``export.models.names``
+without torch, and a step's code key (export/codekey.py) follows only what it imports.
 """
-from __future__ import annotations
-
-
-def __getattr__(name: str):
-    if name in ("REGISTRY", "get"):
-        from . import registry
-
-        return getattr(registry, name)
-    if name in ("Architecture", "ModeSpec", "TensorSpec"):
-        from . import spec
-
-        return getattr(spec, name)
-    raise AttributeError(name)

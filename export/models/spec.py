@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, asdict
 from typing import Callable
 
+from ..contract import KV_CACHE_STYLES  # noqa: F401  (the architectures' kv_cache values)
+
 # Finite "minus infinity" for additive attention masks. coremltools 9.0 turns
 # -inf mask constants into NaN; -1e4 is exact in fp16 and swamps any logit.
 MASK_VALUE = -1.0e4
@@ -82,4 +84,3 @@ class Architecture:
 
 TORCH_DTYPES = {"float32": "float32", "float16": "float16", "int32": "int32"}
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16"}
-KV_CACHE_STYLES = ("explicit", "state")

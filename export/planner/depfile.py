@@ -1,7 +1,7 @@
 """doit's dependency file (``.export/doit.sqlite``), checked before doit opens it.
 
 The cache is the source of truth; the dependency file is an optimization that may be
-lost at any time without harm (DESIGN.md, "The cache"). SQLite commits atomically, so a
+lost at any time without harm (docs/architecture.md, "Where each promise is kept"). SQLite commits atomically, so a
 build killed while doit writes the file leaves a hot journal that the next open rolls
 back. A file that is damaged anyway (truncated, overwritten, a disk that lied) would
 make doit stop with its own traceback; instead a building command moves it aside with

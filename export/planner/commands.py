@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -16,14 +15,16 @@ from pathlib import Path
 from doit.cmd_base import DoitCmdBase
 from doit.cmd_run import Run
 
-from . import atomic
-from .errors import ExportError
+from .. import atomic, settings
+from ..errors import ExportError
+from ..layout import read_last_build
 
 
 def _last_build(artifacts: Path) -> dict:
+    """Each task's record in the last build; none if there is no good record."""
     try:
-        return json.loads((artifacts / "last_build.json").read_text())["tasks"]
-    except (OSError, ValueError, KeyError):
+        return read_last_build(artifacts)["tasks"]
+    except ExportError:
         return {}
 
 
@@ -52,12 +53,12 @@ class RunCmd(Run):
     def _on_cluster(dask, num_process, par_type):
         """With a scheduler: check it answers, and run enough doit lanes (processes) to keep steps in
         flight (``[tool.export.dask] lanes``, default 8; ``-n`` overrides). (None, _) on error."""
-        from .cluster import ENV, reachable, scheduler_address
+        from ..runner.cluster import reachable
         from .tasks import S
 
         if dask is not None:
-            os.environ[ENV] = dask
-        address = scheduler_address(S.config.dask.scheduler)
+            settings.set_dask_scheduler(dask)
+        address = settings.dask_scheduler(S.config.dask.scheduler)
         if not address:
             return num_process, par_type
         why = reachable(address)
@@ -65,7 +66,7 @@ class RunCmd(Run):
             print(f"error: {S.config.root / 'pyproject.toml'}: tool.export.dask.scheduler: cannot reach the Dask "
                   f"scheduler at {address}: {why}", file=sys.stderr)
             return None, par_type
-        os.environ[ENV] = address  # the lanes read it
+        settings.set_dask_scheduler(address)  # the lanes read it
         lanes = num_process or S.config.dask.lanes or DASK_LANES
         print(f"dask: steps run on the cluster at {address} ({lanes} lanes)", file=sys.stderr, flush=True)
         return lanes, "process"
@@ -87,7 +88,7 @@ class Nightly(RunCmd):
                  failure_verbosity=0, pdb=False, dask=None):
         from .tasks import S
 
-        os.environ["MODEL_EXPORT_NIGHTLY"] = "1"
+        settings.set_nightly()
         started = time.time()
         rc = super()._execute(outfile, verbosity=verbosity, always=True, continue_=continue_, reporter=reporter,
                               num_process=num_process, par_type=par_type, single=single,
@@ -125,10 +126,10 @@ class CacheCmd(DoitCmdBase):
     )
 
     def _execute(self, gc=False, max_bytes=""):
-        from .cache import parse_size
-        from .tasks import S, _cache
+        from ..cache.store import parse_size
+        from .tasks import S, build_cache
 
-        cache = _cache()
+        cache = build_cache()
         if gc:
             keep = set()
             for task in self.task_list:
@@ -169,10 +170,11 @@ class _Planning(DoitCmdBase):
         self._backends = {**self._backends, "sqlite3": ReadOnlySqliteDB}
 
     def plan(self, selection):
+        from ..layout import STATE_DIR
+        from . import tasks
         from .plan import ReadOnlyStatCache, run_plan
-        from .tasks import S, STATE_DIR
 
-        S.stat = ReadOnlyStatCache(S.config.root / STATE_DIR / "stat-cache.sqlite")
+        tasks.read_only(ReadOnlyStatCache(tasks.S.config.root / STATE_DIR / "stat-cache.sqlite"))
         try:
             return run_plan(self.task_list, self.dep_manager, selection)
         finally:
@@ -295,11 +297,10 @@ class Report(_Planning):
         from .tasks import S
 
         self.dep_manager.close()
-        path = S.config.artifacts / "last_build.json"
         try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            print(f"error: no build record to report on ({path}: {e}); run doit first", file=sys.stderr)
+            record = read_last_build(S.config.artifacts)
+        except ExportError as e:
+            print(f"error: no build record to report on ({e}); run doit first", file=sys.stderr)
             return 2
         j, h = report.write(S.config.artifacts, report.build_report(S.config.artifacts, record))
         self.outstream.write(f"report: {j}, {h}\n")

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from .errors import ExportError
+from ..errors import ExportError
+from ..contract import KV_CACHE_STYLES
 
 CHOICES = {
     "compute_precision": ("fp16", "fp32"),
     "minimum_deployment_target": ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15"),
     "compute_units": ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne"),
-    "kv_cache": ("explicit", "state"),
+    "kv_cache": KV_CACHE_STYLES,
     "compression": ("none", "palettize", "linear_int8"),
     "palettize_bits": (1, 2, 3, 4, 6, 8),
 }

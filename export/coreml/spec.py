@@ -5,7 +5,7 @@ no coremltools import, so this stays as light as ``contract.py``.
 """
 from __future__ import annotations
 
-from .errors import ExportError
+from ..errors import ExportError
 
 # Core ML ArrayFeatureType.ArrayDataType names -> contract dtypes
 _DTYPES = {"FLOAT32": "float32", "FLOAT16": "float16", "INT32": "int32", "DOUBLE": "float64"}

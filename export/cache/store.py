@@ -1,4 +1,4 @@
-"""The content-addressed artifact cache (DESIGN.md, "The cache").
+"""The content-addressed artifact cache (docs/architecture.md, "Where each promise is kept").
 
 Bazel's split, in a local folder shared by several checkouts and optionally in a
 remote store reached through fsspec (a directory, a network share, ``s3://``)::
@@ -30,19 +30,22 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import socket
 import stat
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from contextlib import contextmanager
 from pathlib import Path
 
 import xxhash
 
-from .digest import CHUNK, file_digest
-from .errors import ExportError, cli_errors
+from .. import settings
+from ..atomic import remove, replace
+from ..digest import CHUNK, file_digest, tree_digest_of
+from ..layout import LAST_BUILD, read_last_build
+from ..errors import ExportError, cli_errors
 
 SCHEMA = 1
 GRACE_SECONDS = 3600.0  # gc never deletes a blob or temporary file younger than this
@@ -69,14 +72,6 @@ def _relpath(rel: str) -> str:
     if any(part in ("", ".", "..") for part in rel.split("/")):
         raise ValueError(f"not a plain relative path: {rel!r}")
     return rel
-
-
-def _tree_digest(files: dict[str, str]) -> str:
-    """``digest.tree_digest`` of a directory holding exactly ``files`` (relpath -> file digest)."""
-    h = xxhash.xxh3_128()
-    for rel in sorted(files):
-        h.update(rel.encode() + b"\0" + files[rel].encode() + b"\n")
-    return h.hexdigest()
 
 
 def _copy_hashing(src, dst_path: Path) -> tuple[str, int]:
@@ -198,12 +193,8 @@ class Cache:
         """The cache as configured: ``$MODEL_EXPORT_CACHE`` (default ``~/.cache/model-export``) is the
         local folder when ``local`` is None; ``$MODEL_EXPORT_REMOTE_CACHE`` overrides ``remote`` (empty:
         none); ``$MODEL_EXPORT_CACHE_READ_ONLY=1`` never publishes remotely."""
-        env = os.environ
-        local = local or env.get("MODEL_EXPORT_CACHE") or Path.home() / ".cache" / "model-export"
-        if "MODEL_EXPORT_REMOTE_CACHE" in env:
-            remote = env["MODEL_EXPORT_REMOTE_CACHE"] or None
-        read_only = read_only or env.get("MODEL_EXPORT_CACHE_READ_ONLY", "") not in ("", "0")
-        return cls(local, remote, read_only=read_only, log=log)
+        return cls(settings.local_cache(local), settings.remote_cache(remote),
+                   read_only=settings.cache_read_only(read_only), log=log)
 
     @property
     def hit_rate(self) -> float | None:
@@ -341,7 +332,7 @@ class Cache:
             m = _parse(data, key, outputs)
         except _Bad:
             return None
-        return {rel: o["digest"] if o["type"] == "file" else _tree_digest({k: f["digest"] for k, f in o["files"].items()})
+        return {rel: o["digest"] if o["type"] == "file" else tree_digest_of({k: f["digest"] for k, f in o["files"].items()})
                 for rel, o in m["outputs"].items()}
 
     def probe(self, key: str, outputs: list[str]) -> dict[str, str] | None:
@@ -379,7 +370,7 @@ class Cache:
                 return None
             if m is None:
                 return None
-        return {rel: o["digest"] if o["type"] == "file" else _tree_digest({k: f["digest"] for k, f in o["files"].items()})
+        return {rel: o["digest"] if o["type"] == "file" else tree_digest_of({k: f["digest"] for k, f in o["files"].items()})
                 for rel, o in m["outputs"].items()}
 
     def _read_local(self, key: str) -> bytes | None:
@@ -453,12 +444,12 @@ class Cache:
                         dst = tmp.joinpath(*inner.split("/"))
                         dst.parent.mkdir(parents=True, exist_ok=True)  # inside our fresh folder only
                         self._place(f["digest"], f["size"], dst)
-                    result[rel] = _tree_digest({k: f["digest"] for k, f in out["files"].items()})
+                    result[rel] = tree_digest_of({k: f["digest"] for k, f in out["files"].items()})
             for target, tmp in staged:
-                _replace(tmp, target)
+                replace(tmp, target)
         except BaseException:
             for _, tmp in staged:
-                _remove(tmp)
+                remove(tmp, ignore_errors=True)
             raise
         return result
 
@@ -644,6 +635,50 @@ class Cache:
 # --- helpers -----------------------------------------------------------------
 
 
+class StepOutputsMissing(Exception):
+    """A step finished without writing some of its outputs (``missing``: their relative paths)."""
+
+    def __init__(self, missing: list[str]):
+        super().__init__(f"the step did not write {missing}")
+        self.missing = missing
+
+
+@dataclass
+class Finished:
+    """What ``finish_step`` found and did."""
+
+    digests: dict[str, str]       # output -> digest
+    key: str | None               # the entry the outputs were published under; None: not published
+    cached: dict | None = None    # nightly: the cached digests of the same action key, if any
+    reproducible: bool | None = None  # nightly: the rebuilt digests equal the cached ones (None: nothing cached)
+
+
+def finish_step(cache: "Cache", key: str, root: Path, outputs: list[str], meta: dict, *, nightly: bool,
+                digest=None, keep_rebuilt: bool = False) -> Finished:
+    """After a step ran, in the planner (export/planner/tasks.py) or on a Dask worker
+    (export/runner/cluster.py) alike: check it wrote every output, digest them, compare them with the
+    cache in a nightly, and publish them under ``key``.
+
+    Bytes that contradict the cache are never published under its key: with ``keep_rebuilt`` (a
+    Dask worker handing them to the planner) they go under ``<key>.rebuilt``, else nowhere."""
+    from ..digest import path_digest
+
+    digest = digest or path_digest
+    missing = [rel for rel in outputs if not (root / rel).exists()]
+    if missing:
+        raise StepOutputsMissing(missing)
+    digests = {rel: digest(root / rel) for rel in outputs}
+    done = Finished(digests, key)
+    if nightly:
+        done.cached = cache.peek(key, outputs)
+        done.reproducible = None if done.cached is None else done.cached == digests
+        if done.reproducible is False:
+            done.key = f"{key}.rebuilt" if keep_rebuilt else None
+    if done.key is not None:
+        cache.put(done.key, root, outputs, meta)
+    return done
+
+
 def _check_args(key: str, outputs: list[str]) -> None:
     if not isinstance(key, str) or not _KEY.match(key):
         raise ExportError(f"not a usable action key: {key!r}", field="cache key")
@@ -706,24 +741,6 @@ def _safe_target(root: Path, rel: str) -> Path:
     return target
 
 
-def _replace(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` over ``target`` (a directory in place of anything is moved aside first)."""
-    if target.is_dir() and not target.is_symlink():
-        old = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.old"
-        os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        p.unlink(missing_ok=True)
-
-
 def _files(top: Path):
     """(path, lstat) of every regular file below ``top``."""
     for dirpath, _, filenames in os.walk(top):
@@ -775,17 +792,10 @@ def _keep_keys(path: str | None) -> set[str]:
 
 
 def _last_build(artifacts: str) -> str | None:
-    path = Path(artifacts) / "last_build.json"
+    path = Path(artifacts) / LAST_BUILD
     if not path.exists():
         return None
-    try:
-        tasks = json.loads(path.read_text())["tasks"]
-        statuses = [t["status"] for t in tasks.values()]
-    except OSError as e:
-        raise ExportError(f"cannot read: {e.strerror}", file=path, field="tasks") from None
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise ExportError("not a build record ({\"tasks\": {name: {\"status\": ...}}})", file=path,
-                          field="tasks") from None
+    statuses = [t["status"] for t in read_last_build(artifacts)["tasks"].values()]
     restored, built = statuses.count("restored"), statuses.count("built")
     rate = f"{restored / (restored + built):.0%}" if restored + built else "n/a"
     return (f"last build ({path}): {restored} restored, {built} built, {statuses.count('up-to-date')} up to date, "

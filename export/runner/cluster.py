@@ -10,7 +10,7 @@ that runs it, with the memory it needs declared as the worker resource
 steps that need more than 8000 MB together. The planner first publishes the
 step's input files to the shared cache (an entry of their own, ``in-<digest>``);
 the worker (``execute``) restores them into a scratch folder, runs the step in a
-fresh process (``export.worker.run_fresh``: a crash or an out-of-memory kill
+fresh process (``export.runner.worker.run_fresh``: a crash or an out-of-memory kill
 fails the step with its log, the worker lives on), publishes the outputs under
 the step's action key, and returns their digests and the log. The planner
 restores the outputs from the cache and checks every digest. A Dask worker that
@@ -30,20 +30,13 @@ import time
 import uuid
 from pathlib import Path
 
-from .errors import ExportError
+from .. import settings
+from ..errors import ExportError
 
 RESOURCE = "MEMORY_MB"
-ENV = "MODEL_EXPORT_DASK_SCHEDULER"
 ROOT = "@root/"  # a project path in a request: relative to the planner's root, rebased by the worker
 LOG_LIMIT = 256 * 1024  # the tail of a step's log a worker sends back
 CONNECT_TIMEOUT = "30s"
-
-
-def scheduler_address(configured: str | None) -> str | None:
-    """The scheduler to use: ``$MODEL_EXPORT_DASK_SCHEDULER`` (empty: none) over the config's."""
-    if ENV in os.environ:
-        return os.environ[ENV].strip() or None
-    return configured or None
 
 
 # --- the planner side ------------------------------------------------------------------------
@@ -174,8 +167,8 @@ def _tail(path: Path) -> str:
 def _other_build(request: dict) -> str | None:
     """Why this worker would not make the bytes the planner's keys promise (its step code or a tool
     version differs), or None."""
-    from .tasks import code_digest
-    from .toolchain import versions
+    from ..codekey import code_digest
+    from ..toolchain import versions
 
     mine = code_digest(request["step"], request["arch"])
     if mine != request["code"]:
@@ -189,12 +182,10 @@ def execute(request: dict) -> dict:
     """Run one step on this worker (called by Dask). Never raises for a failed step: returns
     ``{"error": message, "log": text}`` so that Dask retries only lost workers, not bad inputs."""
     from . import worker as step_worker
-    from .cache import Cache
-    from .digest import file_digest, tree_digest
+    from ..cache.store import Cache, StepOutputsMissing, finish_step
 
     warnings: list[str] = []
-    local = os.environ.get("MODEL_EXPORT_CACHE") or Path.home() / ".cache" / "model-export"
-    cache = Cache(local, request["remote"], log=warnings.append)
+    cache = Cache(settings.local_cache(), request["remote"], log=warnings.append)
     scratch = tempfile.mkdtemp(prefix=f"model-export-step-{request['task'].replace(':', '__')}-")
     root, task = request["root"], request["task"]
     log = Path(scratch) / ".step.log"
@@ -224,20 +215,13 @@ def execute(request: dict) -> dict:
         except step_worker.StepFailed as e:
             return failed(f"error: {task}: {e}")
         seconds, ended = round(time.monotonic() - started, 3), time.time()
-        outputs = request["outputs"]
-        missing = [rel for rel in outputs if not (Path(scratch) / rel).exists()]
-        if missing:
-            return failed(f"error: {task}: the step did not write {missing}")
-        digests = {rel: tree_digest(p) if p.is_dir() else file_digest(p)
-                   for rel in outputs for p in [Path(scratch) / rel]}
-        key, cached, reproducible = request["action_key"], None, None
-        if request["nightly"]:
-            cached = cache.peek(key, outputs)
-            reproducible = None if cached is None else cached == digests
-            if reproducible is False:  # never overwrite the cached bytes; hand these over under their own key
-                key = f"{key}.rebuilt"
-        cache.put(key, Path(scratch), outputs, {"task": task, "seconds": seconds, "toolchain": request["tools"],
-                                                "worker": _worker_name()})
+        try:
+            done = finish_step(cache, request["action_key"], Path(scratch), request["outputs"],
+                               {"task": task, "seconds": seconds, "toolchain": request["tools"],
+                                "worker": _worker_name()}, nightly=request["nightly"], keep_rebuilt=True)
+        except StepOutputsMissing as e:
+            return failed(f"error: {task}: the step did not write {e.missing}")
+        key, digests, cached, reproducible = done.key, done.digests, done.cached, done.reproducible
         if not cache.remote_has(key):
             return failed(f"error: {task}: could not publish its outputs to the shared cache {request['remote']}"
                           + (f" ({'; '.join(warnings)})" if warnings else ""))

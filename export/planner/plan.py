@@ -31,7 +31,7 @@ from doit.dependency import SqliteDB
 from doit.tools import config_changed
 
 from . import tasks as T
-from .digest import StatCache
+from ..digest import StatCache
 
 VERDICTS = ("up-to-date", "restore", "build", "run", "may-run", "error")
 WILL_RUN = {"restore", "build", "run"}
@@ -143,7 +143,7 @@ def _config_json(task) -> str | None:
 
 def _code_files(task) -> dict | None:
     for utd, _, _ in task.uptodate:
-        if isinstance(utd, T._saves):
+        if isinstance(utd, T.SavesValues):
             return utd.values.get("code_files")
     return None
 
@@ -153,7 +153,7 @@ def _step_args(task):
     for action in task.actions:
         if getattr(action, "py_callable", None) is T.run_step:
             step, kwargs, outputs, name, key, inputs = action.args
-            return key, [T._rel(p) for p in outputs], list(inputs)
+            return key, [T.rel(p) for p in outputs], list(inputs)
     return None
 
 
@@ -202,7 +202,7 @@ class Planner:
 
     def _digest(self, rel: str) -> str | None:
         p = T.S.config.root / rel
-        return T._stat().any(p) if p.exists() else None
+        return T.stat_cache().any(p) if p.exists() else None
 
     def _judge(self, task) -> Verdict:
         name = task.name
@@ -346,7 +346,7 @@ def run_plan(task_list, dep_manager, selection) -> list[Verdict]:
     """The plan of ``selection`` (None: every task), the configured cache probed read-only."""
     import sys
 
-    from .cache import Cache
+    from ..cache.store import Cache
 
     c = T.S.config.cache
     cache = Cache.from_settings(local=c.local, remote=c.remote, read_only=True,

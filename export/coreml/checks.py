@@ -6,7 +6,7 @@
   source line, from the nodes' metadata), and ``check_supported`` refuses the
   program with that list. Our own converters (``coreml_torch_ops``) count.
 - ``check_finite(mlmodel)``: after converting, no constant of the program
-  holds NaN or Inf (``-inf`` masks turn into NaN, see DESIGN).
+  holds NaN or Inf (``-inf`` masks turn into NaN in the converted program).
 - ``check_on_device(...)``: on macOS, the package compiles and its predictions
   match the exported program; elsewhere it is skipped with a one-line notice.
 """
@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import torch
 
-from .errors import ExportError
+from ..errors import ExportError
 
 # TorchScript plumbing the converter handles itself rather than through its op registry
 _TS_PLUMBING = {"prim::Constant", "prim::ListConstruct", "prim::ListUnpack", "prim::TupleConstruct",
@@ -31,7 +31,7 @@ def _registry():
     from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
     import coremltools.converters.mil.frontend.torch.ops  # noqa: F401  (fills the registry)
 
-    from . import coreml_torch_ops  # noqa: F401  (adds ours)
+    from . import torch_ops as coreml_torch_ops  # noqa: F401  (adds ours)
 
     return _TORCH_OPS_REGISTRY
 
@@ -55,7 +55,7 @@ def _nodes(program) -> list[tuple[str, object]]:
 def unsupported_op_origins(program) -> dict[str, list[str]]:
     """Op name -> where its nodes come from (``module.path (Class), file:line in function: code``),
     for every op of ``program`` that coremltools cannot convert; sorted by name."""
-    from .provenance import node_origin
+    from ..provenance import node_origin
 
     registry = _registry()
     out: dict[str, list[str]] = {}

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from .. import settings
+
 # doit commands that only read: they take no lock.
 # plan, why, graph and report change no build state (graph and report write only their own files, atomically).
 READ_ONLY = {"list", "info", "help", "dumpdb", "tabcompletion", "strace", "plan", "why", "graph", "report"}
@@ -34,7 +36,7 @@ def acquire(lock_path: Path, argv: list[str]) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         owner = info.read_text().strip() if info.exists() else "unknown"
-        if os.environ.get("MODEL_EXPORT_LOCK_WAIT", "1") == "0":
+        if not settings.lock_wait():
             print(f"error: another doit is building this project ({owner}); not waiting (MODEL_EXPORT_LOCK_WAIT=0)", file=sys.stderr)
             sys.exit(3)
         print(f"waiting for another doit building this project ({owner}) to finish...", file=sys.stderr, flush=True)

@@ -18,7 +18,9 @@ import os
 import uuid
 from pathlib import Path
 
-from .digest import bytes_digest, file_digest, tree_digest
+from ..digest import bytes_digest, file_digest, tree_digest
+
+METADATA_PREFIX = "model_export."  # our keys in a package's user metadata
 
 DATE_KEY = "com.github.apple.coremltools.conversion_date"
 MANIFEST = "Manifest.json"

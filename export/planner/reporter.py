@@ -23,7 +23,7 @@ from pathlib import Path
 from doit.exceptions import UnmetDependency
 from doit.reporter import ConsoleReporter
 
-from . import atomic
+from .. import atomic
 
 # What a task's values add to its record: output digests and sizes, the step's
 # own seconds and peak memory, the action key, the nightly's verdict, and the Dask worker that ran it.
@@ -54,7 +54,12 @@ def _fmt_bytes(n) -> str:
 
 class BuildReporter(ConsoleReporter):
     desc = "progress with status, seconds and memory per task, a summary, and JSON + HTML records"
-    record_path: Path | None = None  # set by the task generators
+    record_path: Path | None = None  # where the build's record goes: see ``writing_to``
+
+    @classmethod
+    def writing_to(cls, record_path: Path) -> type:
+        """This reporter, writing its record to ``record_path`` (doit makes the reporter from a class)."""
+        return type(cls.__name__, (cls,), {"record_path": Path(record_path)})
 
     def __init__(self, outstream, options):
         super().__init__(outstream, options)

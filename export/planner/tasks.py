@@ -3,13 +3,14 @@
 For each model m, mode and T of m's shape set:
 
     checkpoint:m (demo only) -> export_pytorch:m.mode.T -> convert_coreml:m.mode.T -> bundle_coreml:m
-    export_onnx:m.mode.T (debug, not in the default set)
+    export_onnx:m.mode.T (the ONNX debug path; not in the default set)
 
 Groups ``export_pytorch:T<n>`` and ``convert_coreml:T<n>`` select every model and
 mode at one T. A task's key is (1) its file inputs, by xxh3 content digest
 (``ContentChecker``), (2) its config slice, code digest and toolchain versions
 (``config_changed``), and (3) its outputs being what it last wrote
-(``outputs_intact``). Nothing here imports torch or coremltools.
+(``outputs_intact``). The steps themselves are declared in export/stepdefs.py, their
+code keys derived in export/codekey.py. Nothing here imports torch or coremltools.
 """
 from __future__ import annotations
 
@@ -17,94 +18,38 @@ import json
 import os
 import signal
 import sys
-from functools import lru_cache
 from pathlib import Path
 
 from doit.dependency import FileChangedChecker
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from . import checkpoint_files
-from . import config as config_mod
+from .. import checkpoint_files
+from .. import config as config_mod
+from .. import settings
 from . import depfile, lock
-from .contract import entry_name
-from .digest import StatCache, bytes_digest
-from .errors import ExportError
-from .models.names import ARCHITECTURE_TOOLS, module_name
+from ..codekey import CodeKeys
+from ..contract import entry_name
+from ..digest import StatCache, bytes_digest
+from ..errors import ExportError
+from ..layout import LAST_BUILD, STATE_DIR, manifest_of
+from ..stepdefs import STEPS
+from ..toolchain import versions
 from .reporter import BuildReporter
-from .toolchain import versions
-
-PACKAGE = Path(__file__).resolve().parent
-STATE_DIR = ".export"  # doit's dependency file, the stat cache, the lock and step logs
-
-# The source files each step's outputs depend on (read as text, never imported).
-# "{arch}" stands for the model's architecture: a change to the judge's code
-# does not rebuild the student.
-MODELS = ["models/{arch}.py", "models/spec.py", "models/common.py", "models/registry.py", "models/names.py",
-          "models/decoder_lm.py", "checkpoint_files.py", "provenance.py"]
-STEP_CODE = {
-    "checkpoint": ["checkpoint.py", *MODELS, "atomic.py"],
-    "export_pytorch": ["export_pytorch.py", "checkpoint.py", *MODELS, "contract.py", "atomic.py", "digest.py",
-                       "shape_sets.py", "toolchain.py"],
-    "convert_coreml": ["convert_coreml.py", "coreml_options.py", "coreml_checks.py", "coreml_torch_ops.py", "provenance.py",
-                       "coreml_spec.py", "contract.py",
-                       "mlpackage.py", "atomic.py", "digest.py", "toolchain.py"],
-    "bundle_coreml": ["bundle.py", "contract.py", "atomic.py", "digest.py", "mlpackage.py"],
-    "export_onnx": ["export_onnx.py", "checkpoint.py", *MODELS, "atomic.py"],
-}
-# The tools whose version can change a step's bytes.
-STEP_TOOLS = {
-    "checkpoint": ("torch",),
-    "export_pytorch": ("torch", "numpy"),
-    "convert_coreml": ("torch", "coremltools", "numpy"),
-    "bundle_coreml": ("coremltools",),
-    "export_onnx": ("torch", "onnx", "onnxruntime", "numpy"),
-}
-ARCH_TOOL_STEPS = ("export_pytorch", "export_onnx")  # steps that run the model code: + ARCHITECTURE_TOOLS[arch]
 
 
 class _State:
-    """What the generators share: the config, the stat cache. Set by ``setup``."""
+    """What the generators share: the config, the stat cache, the code keys. Set by ``setup``; changed
+    only by this module's functions."""
 
     config: config_mod.Config | None = None
     stat: StatCache | None = None
+    code: CodeKeys | None = None
     cache = None  # export.cache.Cache, made on first use (a no-op build never imports it)
-    ledger = None  # export.memory.Ledger: the build's memory budget
+    ledger = None  # export.planner.memory.Ledger: the build's memory budget
 
 
 S = _State()
-
-
-@lru_cache(maxsize=None)
-def code_digest(step: str, arch: str | None = None) -> str:
-    """Digest of the source text of the files ``step`` depends on (for ``arch``)."""
-    parts = []
-    for name in STEP_CODE[step]:
-        f = PACKAGE / name.format(arch=module_name(arch or ""))
-        if f.exists():
-            parts.append(f.relative_to(PACKAGE).as_posix().encode() + b"\0" + f.read_bytes())
-    return bytes_digest(b"\0\0".join(parts))
-
-
-@lru_cache(maxsize=None)
-def code_files(step: str, arch: str | None = None) -> dict[str, str]:
-    """Digest of each source file ``step`` depends on: kept in the task's values so that ``doit plan``
-    can name the file that changed when ``code_digest`` did."""
-    files = [PACKAGE / name.format(arch=module_name(arch or "")) for name in STEP_CODE[step]]
-    return {f.relative_to(PACKAGE).as_posix(): bytes_digest(f.read_bytes()) for f in files if f.exists()}
-
-
-class _saves:
-    """An ``uptodate`` entry that decides nothing (None) and adds ``values`` to the task's values on success."""
-
-    def __init__(self, **values):
-        self.values = values
-
-    def configure_task(self, task):
-        task.value_savers.append(lambda: dict(self.values))
-
-    def __call__(self):
-        return None
 
 
 class ContentChecker(FileChangedChecker):
@@ -124,10 +69,40 @@ def _stat() -> StatCache:
     return S.stat
 
 
+def stat_cache() -> StatCache:
+    """The build's stat cache (file digests by stat)."""
+    return _stat()
+
+
+def read_only(stat: StatCache) -> None:
+    """Plan without writing: digests come from ``stat`` (a read-only stat cache, export/planner/plan.py)."""
+    S.stat = stat
+    S.code = CodeKeys(stat)
+
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the export package that this process imported
+
+
+def check_package(root: Path) -> None:
+    """The code that builds, and is keyed, must be the project's own ``export/`` beside dodo.py.
+
+    The ``doit`` console script imports ``export`` (its commands are plugins of the package) from
+    wherever the virtual environment installed it before dodo.py loads; in a second checkout sharing
+    that environment it would be the other checkout's code. A project without an ``export/`` folder
+    builds with the installed package, whatever it is."""
+    own = root / PACKAGE_DIR.name
+    if own.is_dir() and own.resolve() != PACKAGE_DIR:
+        print(f"error: {root / 'dodo.py'}: this project's code is {own}, but doit imported {PACKAGE_DIR} "
+              f"(installed from another checkout); run `./dev build` or `python -m doit` here, or "
+              f"`pip install -e {root}` to make this checkout the installed one", file=sys.stderr)
+        sys.exit(2)
+
+
 def setup(dodo_file: str, argv: list[str]) -> dict:
     """Load the config (exit 2 with one line naming file and field if it is wrong), take the
     project lock for building commands, and return DOIT_CONFIG."""
     root = Path(dodo_file).resolve().parent
+    check_package(root)
     try:
         S.config = config_mod.load(root)
     except ExportError as e:
@@ -139,14 +114,14 @@ def setup(dodo_file: str, argv: list[str]) -> dict:
     state = root / STATE_DIR
     state.mkdir(exist_ok=True)
     S.stat = StatCache(state / "stat-cache.sqlite")
+    S.code = CodeKeys(S.stat)
     lock.acquire(state / "lock", argv)
     depfile.check(state / "doit.sqlite", repair=lock.command_of(argv) not in lock.READ_ONLY)
-    BuildReporter.record_path = S.config.artifacts / "last_build.json"
     return {
         "dep_file": str(state / "doit.sqlite"),
         "backend": "sqlite3",
         "check_file_uptodate": ContentChecker,
-        "reporter": BuildReporter,
+        "reporter": BuildReporter.writing_to(S.config.artifacts / LAST_BUILD),
         "default_tasks": ["checkpoint", "export_pytorch", "convert_coreml", "bundle_coreml", "prune_artifacts"],
         "verbosity": 1,
     }
@@ -173,7 +148,8 @@ def _check_checkpoints_exist() -> None:
 # --- actions and up-to-date checks -----------------------------------------
 
 
-def _rel(p: Path) -> str:
+def rel(p: Path) -> str:
+    """``p`` relative to the project (how tasks name their files: a copied project keeps its state)."""
     return os.path.relpath(p, S.config.root)
 
 
@@ -194,9 +170,10 @@ def outputs_intact(task, values):
     return True
 
 
-def _cache():
+def build_cache():
+    """The build's cache (export/cache/store.py), made on first use: a no-op build never imports it."""
     if S.cache is None:
-        from .cache import Cache
+        from ..cache.store import Cache
 
         c = S.config.cache
         S.cache = Cache.from_settings(local=c.local, remote=c.remote, read_only=c.read_only,
@@ -224,12 +201,13 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
     """
     import time
 
-    from . import worker
+    from ..cache.store import StepOutputsMissing, finish_step
+    from ..runner import worker
 
-    rels = [_rel(p) for p in outputs]
+    rels = [rel(p) for p in outputs]
     akey = action_key(key, inputs)
-    cache = _cache()
-    nightly = os.environ.get("MODEL_EXPORT_NIGHTLY") == "1"
+    cache = build_cache()
+    nightly = settings.nightly()
     if not nightly:
         restored = cache.get(akey, S.config.root, rels)
         if restored is not None:
@@ -250,41 +228,36 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
     except worker.StepFailed as e:
         return TaskFailed(f"error: {task_name}: {e}")
     seconds = round(time.monotonic() - started, 3)
-    missing = [str(p) for p in outputs if not p.exists()]
-    if missing:
-        return TaskFailed(f"error: {task_name}: the step did not write {missing} (log: {log})")
-    digests = {rel: _stat().any(p) for rel, p in zip(rels, outputs)}
-    sizes = {rel: _size(p) for rel, p in zip(rels, outputs)}
-    values = {"outputs": digests, "sizes": sizes, "action_key": akey, "seconds": seconds, "peak_mb": measured["peak_mb"],
-              "reserved_mb": need, "started": wall, "ended": ended}
+    try:
+        done = finish_step(cache, akey, S.config.root, rels, {"task": task_name, "seconds": seconds,
+                                                              "toolchain": key["tools"]},
+                           nightly=nightly, digest=_stat().any)
+    except StepOutputsMissing as e:
+        return TaskFailed(f"error: {task_name}: the step did not write {e.missing} (log: {log})")
+    values = {"outputs": done.digests, "sizes": {rel: _size(p) for rel, p in zip(rels, outputs)}, "action_key": akey,
+              "seconds": seconds, "peak_mb": measured["peak_mb"], "reserved_mb": need, "started": wall, "ended": ended}
     if nightly:
-        cached = cache.peek(akey, rels)
-        values["cached"] = cached
-        values["reproducible"] = None if cached is None else cached == digests
-    if not nightly or values["reproducible"] is not False:  # never publish bytes that contradict the cache
-        cache.put(akey, S.config.root, rels, {"task": task_name, "seconds": seconds, "toolchain": key["tools"]})
+        values["cached"], values["reproducible"] = done.cached, done.reproducible
     return values
 
 
 def dask_address() -> str | None:
-    from .cluster import scheduler_address
-
-    return scheduler_address(S.config.dask.scheduler)
+    return settings.dask_scheduler(S.config.dask.scheduler)
 
 
 def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], task_name: str, key: dict,
                     inputs: list[str], akey: str, need: int, log: Path, nightly: bool, arch: str | None):
-    """``run_step`` on a Dask cluster (export.cluster): publish the inputs to the shared cache, run the
-    step on a worker holding ``need`` MB, restore its outputs from the shared cache."""
-    from . import cluster
+    """``run_step`` on a Dask cluster (export/runner/cluster.py): publish the inputs to the shared cache,
+    run the step on a worker holding ``need`` MB, restore its outputs from the shared cache."""
+    from ..runner import cluster
 
-    root, cache, pyproject = S.config.root, _cache(), S.config.root / "pyproject.toml"
-    rels = [_rel(p) for p in outputs]
+    root, cache, pyproject = S.config.root, build_cache(), S.config.root / "pyproject.toml"
+    rels = [rel(p) for p in outputs]
     if not cache.remote_url or cache.read_only:
         return TaskFailed(f"error: {pyproject}: tool.export.cache.remote: steps on the Dask cluster at {address} "
                           "need a shared cache that the workers reach and the build may write (a directory they "
                           "all mount, or s3://...)")
-    input_rels = [*inputs, *(_rel(Path(p)) for p in kwargs.get("packages", ()))]
+    input_rels = [*inputs, *(rel(Path(p)) for p in kwargs.get("packages", ()))]
     digests = {rel: _stat().any(root / rel) for rel in input_rels}
     inputs_key = "in-" + bytes_digest(json.dumps(digests, sort_keys=True).encode())
     if not cache.remote_has(inputs_key):
@@ -318,23 +291,18 @@ def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], 
     return values
 
 
-# A step's expected peak memory: a base plus a multiple of the bytes it reads (measured in
-# bench/: a 50M-parameter student peaks near 0.85 GB exporting and 1.15 GB converting).
-NEED_BASE_MB = {"checkpoint": 300, "export_pytorch": 400, "convert_coreml": 500, "bundle_coreml": 400, "export_onnx": 400}
-NEED_FACTOR = {"checkpoint": 2, "export_pytorch": 3, "convert_coreml": 5, "bundle_coreml": 2, "export_onnx": 4}
-
-
 def need_mb(step: str, kwargs: dict, inputs: list[str]) -> int:
+    """The memory ``step`` reserves: its record's estimate from the bytes it reads (export/stepdefs.py)."""
     data = sum(_size(S.config.root / rel) for rel in inputs if (S.config.root / rel).exists())
     data += sum(_size(Path(p)) for p in kwargs.get("packages", ()) if Path(p).exists())
-    return int(NEED_BASE_MB.get(step, 500) + NEED_FACTOR.get(step, 4) * data / 2**20)
+    return STEPS[step].need_mb(data)
 
 
 def _ledger():
     from .memory import Ledger, default_budget_mb
 
     if S.ledger is None:
-        budget = os.environ.get("MODEL_EXPORT_MEMORY_BUDGET_MB") or S.config.memory_budget_mb or default_budget_mb()
+        budget = settings.memory_budget_mb(S.config.memory_budget_mb) or default_budget_mb()
         S.ledger = Ledger(S.config.root / STATE_DIR / "memory.json", int(budget))
     return S.ledger
 
@@ -343,20 +311,40 @@ def _size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
 
 
+class SavesValues:
+    """An ``uptodate`` entry that decides nothing (None) and adds ``values`` to the task's values on
+    success: the code files of the key, so that ``doit plan`` can name the file that changed."""
+
+    def __init__(self, **values):
+        self.values = values
+
+    def configure_task(self, task):
+        task.value_savers.append(lambda: dict(self.values))
+
+    def __call__(self):
+        return None
+
+
+def step_key(step: str, config_key: dict, arch: str | None = None) -> dict:
+    """A task's key: its step, the digest of its code's import closure (export/codekey.py), the versions of
+    the tools its record names (export/stepdefs.py), and its slice of the config."""
+    return {"step": step, "code": S.code.digest(step, arch), "tools": versions(STEPS[step].tools_for(arch)),
+            "config": config_key}
+
+
 def _task(step: str, name: str, doc: str, kwargs: dict, key: dict, outputs: list[Path], targets: list[Path],
           file_dep: list[Path] = (), arch: str | None = None) -> dict:
     full = f"{step}:{name}"
-    tools = STEP_TOOLS[step] + (ARCHITECTURE_TOOLS.get(arch, ()) if step in ARCH_TOOL_STEPS else ())
-    key = {"step": step, "code": code_digest(step, arch), "tools": versions(tools), "config": key}
-    deps = [_rel(p) for p in file_dep]  # relative: a copied project keeps its state
+    key = step_key(step, key, arch)
+    deps = [rel(p) for p in file_dep]  # relative: a copied project keeps its state
     return {
         "name": name,
         "doc": doc,
         "actions": [(run_step, [step, kwargs, outputs, full, key, deps], {"arch": arch})],
         "file_dep": deps,
-        "targets": [_rel(p) for p in targets],
+        "targets": [rel(p) for p in targets],
         "uptodate": [config_changed(json.dumps(key, sort_keys=True)), outputs_intact,
-                     _saves(code_files=code_files(step, arch))],
+                     SavesValues(code_files=S.code.files(step, arch))],
         "clean": True,
         "verbosity": 1,
     }
@@ -379,7 +367,7 @@ def checkpoint_inputs(m) -> list[Path]:
 
 
 def export_paths(m, mode, T) -> tuple[dict[str, Path], Path]:
-    from .contract import FORMATS
+    from ..contract import FORMATS
 
     d, stem = model_dir(m) / "exported", entry_name(mode, T)
     return {f: d / (stem + FORMATS[f]) for f in m.formats}, d / f"{stem}.contract.json"
@@ -387,10 +375,6 @@ def export_paths(m, mode, T) -> tuple[dict[str, Path], Path]:
 
 def package_path(m, mode, T) -> Path:
     return model_dir(m) / "coreml" / f"{entry_name(mode, T)}.mlpackage"
-
-
-def manifest_of(package: Path) -> Path:
-    return package.with_name(package.name + ".manifest.json")
 
 
 def leaf(m, mode, T) -> str:
@@ -410,7 +394,7 @@ def task_checkpoint():
         if not m.is_demo:
             continue
         out = checkpoint_path(m)
-        yield _task("checkpoint", m.name, f"demo {m.architecture} checkpoint -> {_rel(out)}",
+        yield _task("checkpoint", m.name, f"demo {m.architecture} checkpoint -> {rel(out)}",
                     {"out": str(out), "architecture": m.architecture}, {"architecture": m.architecture},
                     [out], [out], arch=m.architecture)
 
@@ -470,6 +454,21 @@ def task_bundle_coreml():
                     file_dep=[manifest_of(p) for p in pkgs] + contracts)
 
 
+def onnx_path(m, mode, T) -> Path:
+    return model_dir(m) / "exported" / f"{entry_name(mode, T)}.onnx"
+
+
+def task_export_onnx():
+    """The ONNX debug path: export one (mode, T) to ONNX, checked with onnxruntime (not in the default build)."""
+    for m in S.config.models:
+        ck = checkpoint_path(m)
+        for mode, T in m.leaves():
+            out = onnx_path(m, mode, T)
+            yield _task("export_onnx", leaf(m, mode, T), f"{m.name} {mode} T={T}: ONNX, checked with onnxruntime",
+                        {"checkpoint": str(ck), "out_dir": str(out.parent), "mode": mode, "T": T},
+                        {"mode": mode, "T": T}, [out], [out], file_dep=checkpoint_inputs(m), arch=m.architecture)
+
+
 def _expected_outputs() -> set[Path]:
     """Every output path of every task of the current config."""
     out: set[Path] = set()
@@ -479,7 +478,7 @@ def _expected_outputs() -> set[Path]:
         for mode, T in m.leaves():
             files, contract = export_paths(m, mode, T)
             pkg = package_path(m, mode, T)
-            out.update([*files.values(), contract, pkg, manifest_of(pkg)])
+            out.update([*files.values(), contract, pkg, manifest_of(pkg), onnx_path(m, mode, T)])
         bundle = model_dir(m) / f"{m.name}.mlpackage"
         out.update([bundle, manifest_of(bundle), model_dir(m) / "contract.json"])
     return out
@@ -507,12 +506,12 @@ def stale_outputs() -> list[Path]:
 
 
 def _prune() -> dict:
-    from .atomic import remove
+    from ..atomic import remove
 
     gone = stale_outputs()
     for p in gone:
         remove(p)
-    return {"removed": [_rel(p) for p in gone]}
+    return {"removed": [rel(p) for p in gone]}
 
 
 def task_prune_artifacts():

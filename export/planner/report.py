@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from . import atomic
+from .. import atomic
 
 STATUSES = ("built", "restored", "up-to-date", "failed", "not-run")
 

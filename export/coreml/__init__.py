@@ -1,0 +1,1 @@
+"""Core ML: conversion, checks of a package, bundles, byte-stable packages."""

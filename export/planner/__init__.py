@@ -1,0 +1,1 @@
+"""The planner: doit's side of the build (graph, keys, plan, commands, progress, reports). Never imports torch."""
