@@ -91,13 +91,13 @@ def run_trial(template: Project, reference: dict, tmp_path: Path, trial: str, ar
         hit = _wait_for(proc, p.root, trial, cold)
         kill_group(proc)
         out, err = proc.communicate(timeout=60)
-        if hit:
+        if hit and proc.returncode == -signal.SIGKILL:
             break
-        # The build ended before the moment: a delay longer than this build (the reference was timed
-        # on a busier machine). Try again with the delays as fractions of the build just seen.
+        # The build ended before the moment, or as the kill was sent: a delay as long as this build
+        # (the reference was timed on a busier machine). Try again, the delays as fractions of this build.
         cold = min(cold, time.monotonic() - started)
     assert hit, f"the build ended before the moment {trial!r} came (exit {proc.returncode}):\n{out[-2000:]}\n{err[-2000:]}"
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, f"the build ended before the kill (exit {proc.returncode})"
     # What the killed build left: nothing it wrote counts as up to date unless its bytes are right.
     check_cache(p.root / ".cache")
     r = p.doit(check=False)
