@@ -8,7 +8,8 @@ For each commit: ``git clone`` of this repository into a temporary folder, ``./d
 order, with ``CI=true`` as CI runs it. Recorded per step: wall seconds, pytest's counts (passed,
 skipped, xfailed, ...), the load average before and after and sampled every 15 s while it ran,
 the memory available; and the machine (cores, memory) and versions. The JSON goes to
-bench/results/ci-*.json. A step that fails stops that commit's run and is recorded as failed.
+bench/results/ci-*.json, each step's whole output beside the clones (--workdir). A step that
+fails stops that commit's run and is recorded as failed.
 
 The machine is often shared: compare commits measured in the same run (same load), and read
 the load figures beside the times.
@@ -75,7 +76,7 @@ def pytest_counts(output: str) -> dict:
     return {}
 
 
-def run_step(name: str, cmd: str, cwd: Path, env: dict) -> dict:
+def run_step(name: str, cmd: str, cwd: Path, env: dict, log: Path | None = None) -> dict:
     before = {"load": [round(x, 2) for x in os.getloadavg()], **memory_mb()}
     started = time.perf_counter()
     with LoadSampler() as sampler:
@@ -83,6 +84,8 @@ def run_step(name: str, cmd: str, cwd: Path, env: dict) -> dict:
     seconds = time.perf_counter() - started
     after = {"load": [round(x, 2) for x in os.getloadavg()], **memory_mb()}
     out = r.stdout + r.stderr
+    if log is not None:
+        log.write_text(out)
     step = {"step": name, "command": cmd, "seconds": round(seconds, 1), "exit": r.returncode,
             "counts": pytest_counts(out), "before": before, "after": after, "load_samples": sampler.samples,
             "slowest": _slowest(out)}
@@ -118,11 +121,11 @@ def bench_rev(rev: str, workdir: Path, keep: bool) -> dict:
     print(f"{rev} ({commit[:10]}) in {clone}", file=sys.stderr, flush=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_EXPORT_", "PYTEST_", "VIRTUAL_ENV"))}
     env["CI"] = "true"
-    steps = [run_step("setup", "./dev setup", clone, env)]
+    steps = [run_step("setup", "./dev setup", clone, env, workdir / f"{clone.name}-setup.log")]
     for i, cmd in enumerate(ci_steps(clone), 1):
         if steps[-1]["exit"] != 0:
             break
-        steps.append(run_step(f"step{i}", cmd, clone, env))
+        steps.append(run_step(f"step{i}", cmd, clone, env, workdir / f"{clone.name}-step{i}.log"))
     total = sum(s["seconds"] for s in steps)
     tests = {}
     for s in steps[1:]:

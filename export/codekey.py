@@ -8,10 +8,10 @@ so the planner never loads torch or coremltools for this. A package's
 import to a step's code is all it takes for the key to follow it; a module no
 step reaches keys nothing.
 
-One refinement: the architecture modules of export/models/ (student, judge, ...)
-are all imported by the registry, but a model runs only its own. For a step that
-runs model code, the closure keeps the leaf's architecture module and leaves the
-others out, so editing the judge's code does not rebuild the student.
+The architecture modules of export/models/ (student, judge, ...) are imported by
+name, one at a time, by the registry (export/models/registry.py): a step that runs
+model code holds its leaf's own architecture module, and no other, so editing the
+judge's code does not rebuild the student.
 
 Each file's digest and import list are kept by file stat (in the stat cache's
 database when one is given), so a no-op build parses nothing. See
@@ -27,12 +27,11 @@ from functools import lru_cache
 from pathlib import Path
 
 from .digest import StatCache, bytes_digest
-from .models.names import ARCHITECTURE_NAMES, module_name
+from .models.names import module_name
 from .stepdefs import STEPS
 
 PACKAGE = Path(__file__).resolve().parent  # the package that runs is the package that is keyed
 NAME = __name__.split(".")[0]
-ARCH_MODULES = {f"{NAME}.models.{module_name(a)}" for a in ARCHITECTURE_NAMES}
 
 
 def _modules(root: Path = PACKAGE) -> dict[str, Path]:
@@ -118,15 +117,15 @@ class _Index:
 def closure(start: str, arch: str | None = None, *, index: _Index | None = None,
             root: Path = PACKAGE, modules: dict[str, Path] | None = None) -> dict[str, str]:
     """Relative source path -> digest of every module of the package at ``root`` that ``start`` can run
-    (for ``arch``)."""
+    (for ``arch``: the registry imports the architecture's module by name, export/models/registry.py)."""
     modules = modules if modules is not None else _modules(root)
     index = index or _Index(None)
-    skip = ARCH_MODULES - {f"{NAME}.models.{module_name(arch)}"} if arch else set()
+    own = f"{NAME}.models.{module_name(arch)}" if arch else None
     seen: set[str] = set()
-    todo = [start]
+    todo = [start] + ([own] if own else [])
     while todo:
         name = todo.pop()
-        if name in seen or name not in modules or name in skip:
+        if name in seen or name not in modules:
             continue
         seen.add(name)
         parts = name.split(".")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from export.models.registry import REGISTRY, get
+from export.models.registry import all_architectures, get
 from export.models.names import ARCHITECTURE_MODES, ARCHITECTURE_NAMES
 
 from conftest import TINY, tiny_model
@@ -43,6 +43,7 @@ def full_prefill(prefill, ids: list[int], T: int):
 
 
 def test_registry_matches_names():
+    REGISTRY = all_architectures()
     assert tuple(REGISTRY) == ARCHITECTURE_NAMES
     for name in ARCHITECTURE_NAMES:
         assert REGISTRY[name].modes == ARCHITECTURE_MODES[name]

@@ -29,7 +29,8 @@ from torch import nn
 from ..errors import ExportError
 from . import decoder_lm
 from .decoder_lm import LMDims, decode_slots, prefill_mask, with_token
-from .names import ARCHITECTURE_MODES
+from .names import ARCHITECTURE_MODES, ARCHITECTURE_TOOLS
+from .spec import Architecture
 
 MODES = ARCHITECTURE_MODES["hf-causal-lm"]
 FILES = ("config.json", "model.safetensors")  # what a model folder must hold (see export.checkpoint_files)
@@ -169,3 +170,10 @@ def example_inputs(config, mode: str, T: int, dtype: torch.dtype, generator: tor
 
 
 wrap = decoder_lm.wrap
+
+
+ARCHITECTURE = Architecture(
+    name="hf-causal-lm", config_cls=None, build=build, modes=MODES, io=io, wrap=wrap,
+    example_inputs=example_inputs, max_positions=max_positions, load_model=load_model,
+    load_config=load_config, tools=ARCHITECTURE_TOOLS["hf-causal-lm"],
+)

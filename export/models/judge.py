@@ -15,7 +15,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .names import ARCHITECTURE_MODES
-from .spec import MASK_VALUE, ModeSpec, TensorSpec
+from .spec import MASK_VALUE, Architecture, ModeSpec, TensorSpec
 
 MODES = ARCHITECTURE_MODES["judge"]
 
@@ -104,3 +104,9 @@ def example_inputs(c: JudgeConfig, mode: str, T: int, dtype: torch.dtype, genera
     mask = torch.ones(1, T, dtype=torch.int32)
     mask[:, T - T // 4:] = 0  # a padded tail
     return ids, mask
+
+
+ARCHITECTURE = Architecture(
+    name="judge", config_cls=JudgeConfig, build=Judge, modes=MODES, io=io, wrap=wrap,
+    example_inputs=example_inputs, max_positions=lambda c: c.max_positions,
+)

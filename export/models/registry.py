@@ -1,36 +1,27 @@
-"""The architecture registry. ``get(name)`` returns an ``Architecture``. Imports torch."""
+"""The architecture registry. ``get(name)`` returns an ``Architecture``. Imports torch.
+
+Each architecture lives in its own module (``export/models/<name>.py``, its ``ARCHITECTURE``), imported
+only when asked for: a build of the student never loads the judge's code, which is why a step's code key
+holds only its leaf's architecture module (export/codekey.py).
+"""
 from __future__ import annotations
 
-from ..errors import ExportError
-from . import hf_causal_lm, judge, student
-from .names import ARCHITECTURE_NAMES, ARCHITECTURE_TOOLS
-from .spec import Architecture, ModeSpec, TensorSpec
+import importlib
 
-REGISTRY: dict[str, Architecture] = {
-    "student": Architecture(
-        name="student", config_cls=student.StudentConfig, build=student.Student, modes=student.MODES,
-        io=student.io, wrap=student.wrap, example_inputs=student.example_inputs,
-        max_positions=lambda c: c.max_positions,
-    ),
-    "judge": Architecture(
-        name="judge", config_cls=judge.JudgeConfig, build=judge.Judge, modes=judge.MODES,
-        io=judge.io, wrap=judge.wrap, example_inputs=judge.example_inputs,
-        max_positions=lambda c: c.max_positions,
-    ),
-    "hf-causal-lm": Architecture(
-        name="hf-causal-lm", config_cls=None, build=hf_causal_lm.build, modes=hf_causal_lm.MODES,
-        io=hf_causal_lm.io, wrap=hf_causal_lm.wrap, example_inputs=hf_causal_lm.example_inputs,
-        max_positions=hf_causal_lm.max_positions, load_model=hf_causal_lm.load_model,
-        load_config=hf_causal_lm.load_config, tools=ARCHITECTURE_TOOLS["hf-causal-lm"],
-    ),
-}
-assert set(REGISTRY) == set(ARCHITECTURE_NAMES)
+from ..errors import ExportError
+from .names import ARCHITECTURE_NAMES, module_name
+from .spec import Architecture
 
 
 def get(name: str, *, file: object = None, field: str = "architecture") -> Architecture:
-    try:
-        return REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ExportError(f"unknown architecture {name!r}; known: {sorted(REGISTRY)}", file=file, field=field) from None
+    if not isinstance(name, str) or name not in ARCHITECTURE_NAMES:
+        raise ExportError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURE_NAMES)}", file=file,
+                          field=field)
+    arch = importlib.import_module(f"{__package__}.{module_name(name)}").ARCHITECTURE
+    assert arch.name == name
+    return arch
 
 
+def all_architectures() -> dict[str, Architecture]:
+    """Every architecture, by name (loads them all)."""
+    return {name: get(name) for name in ARCHITECTURE_NAMES}

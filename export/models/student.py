@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from . import decoder_lm
 from .decoder_lm import LMDims, decode_slots, prefill_mask, with_token
 from .names import ARCHITECTURE_MODES
-from .spec import ModeSpec
+from .spec import Architecture, ModeSpec
 
 MODES = ARCHITECTURE_MODES["student"]
 
@@ -175,3 +175,9 @@ def example_inputs(c: StudentConfig, mode: str, T: int, dtype: torch.dtype, gene
 
 
 wrap = decoder_lm.wrap
+
+
+ARCHITECTURE = Architecture(
+    name="student", config_cls=StudentConfig, build=Student, modes=MODES, io=io, wrap=wrap,
+    example_inputs=example_inputs, max_positions=lambda c: c.max_positions,
+)
