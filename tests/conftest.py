@@ -1,7 +1,47 @@
-"""Shared fixtures: tiny real checkpoints, a session-wide set of real exports, a CLI runner.
+"""Shared fixtures: tiny real checkpoints, a session-wide set of real exports, a CLI runner,
+and real doit projects built once per run.
 
 Everything here is real: real torch models, real files, real subprocesses.
 Configs are tiny (d_model 32, 2 layers, vocab 64) so the whole suite stays fast.
+
+The suite runs on two pytest-xdist workers (``.ci/run``: ``-n 2 --dist loadgroup``). For a test:
+
+* **A built project.** Do not build the tiny project again: ask for one of the session
+  fixtures below and take a copy; the copy is the built project, up to date (doit sees a
+  no-op), with its own ``.cache`` holding every step:
+
+      def test_x(tiny_built, tmp_path):
+          p = tiny_built.copy(tmp_path / "project")     # scenario.Project, built
+          q = tiny_built.fresh(tmp_path / "cold")       # the same project before any build
+          p.doit(...); assert p.artifact_digests() == tiny_built.artifact_digests()
+
+  ``scenario_built``: scenario.Project.create (the student at T 16 and 32, both modes, and the
+  demo judge; 15 steps), built with ``doit``; ``.output`` is that build's console output and
+  ``.plan`` the ``doit plan --json`` made before it. ``tiny_built``: faults.create_tiny (one
+  student, T16, both modes; 5 steps), built with ``doit -n 2``. ``kill_built``:
+  faults.create_kill (prefill only; 3 steps), built with ``doit``; ``.seconds`` is its cold
+  build time. Each is built by the first worker that needs it (a file lock) and shared by all;
+  never build in ``.project`` itself. Another kind of project: add a fixture with
+  ``scenario.build_once`` the same way.
+
+* **Tests that must not run at the same time as each other** (kill trials, timed trials,
+  a full disk, several builds at once): give them one group, e.g.
+  ``pytestmark = pytest.mark.xdist_group("kill")`` (or the mark on one test); a group runs
+  on one worker, its tests one after the other, while the other worker goes on with other
+  tests. test_kill.py ("kill"), test_concurrency.py ("concurrency") and test_resources.py
+  ("disk") are such groups. A test that must run with nothing else at all beside it does not
+  belong in the suite: put it in bench/.
+* **Waiting for a moment of a build:** faults.wait_for_path(proc, root, "glob/of/*.tmp", timeout)
+  (inotify: it sees a temporary that lives a millisecond) and faults.wait_for_delay(proc, s);
+  no sleep-and-poll loops.
+
+* **Where tests run.** The tests of one file run on one worker, one after the other (so a
+  module fixture is made once), unless the file says ``pytestmark = pytest.mark.spread``: then
+  each test may go to either worker (for files whose tests are many and independent, each
+  with its own copy of a built project; a module fixture is then made once per worker).
+
+* **One file or one test, quickly:** ``./dev test tests/test_plan.py -k restore -n 0``
+  (``-n 0``: in this process, no workers; ``-p no:xdist`` works too).
 """
 from __future__ import annotations
 
@@ -15,6 +55,8 @@ import pytest
 import torch
 
 from export import checkpoint, export_pytorch
+from faults import create_kill, create_tiny
+from scenario import Built, Project, build_once
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -229,3 +271,60 @@ def seaweedfs(tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     log.close()
+
+
+# --- test distribution (pytest-xdist) ------------------------------------------------------
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "spread: the tests of this file may run on any xdist worker, each on its own")
+    if not config.pluginmanager.hasplugin("xdist"):  # -p no:xdist: the groups are still marks pytest knows
+        config.addinivalue_line("markers", "xdist_group(name): tests run one after the other on one xdist worker")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """A file's tests form one xdist group unless the file is marked ``spread`` or the test
+    has its own ``xdist_group``.
+
+    ``--dist loadgroup`` sends the tests whose node id ends in ``@<group>`` to one worker.
+    pytest-xdist 3.8.0 appends it by assigning ``item._nodeid``, which pytest 9 no longer
+    reads (a node's id is ``item._id``, a NodeId): without the lines below every group would
+    be split. The id is set here the way xdist means to, once per item."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None and item.get_closest_marker("spread") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+    if not getattr(config.option, "loadgroup", False):  # set on xdist workers of --dist loadgroup
+        return
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        if names and "@" not in item.nodeid.rpartition("]")[2]:
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(names)}")
+
+
+# --- projects built once per run ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def shared_tmp(tmp_path_factory) -> Path:
+    """A folder of this run that every xdist worker sees (without xdist: this session's own)."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+
+
+@pytest.fixture(scope="session")
+def scenario_built(shared_tmp) -> Built:
+    return build_once(shared_tmp, "scenario", Project.create, plan=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_built(shared_tmp) -> Built:
+    return build_once(shared_tmp, "tiny", create_tiny, "-n", "2")
+
+
+@pytest.fixture(scope="session")
+def kill_built(shared_tmp) -> Built:
+    return build_once(shared_tmp, "kill", create_kill)

@@ -7,13 +7,14 @@ Every build runs ``python -m doit`` in a subprocess, exactly as a user would.
 """
 from __future__ import annotations
 
+import functools
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
-import textwrap
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,17 +63,28 @@ def project_toml(export_toml: str, name: str = "scenario") -> str:
 
 
 def write_student_checkpoint(path: Path, seed: int = 0) -> None:
-    code = textwrap.dedent(f"""
-        import torch
-        from export import checkpoint
-        from export.models.registry import get
-        from export.models.common import config_from_dict
-        arch = get("student")
-        cfg = config_from_dict(arch.config_cls, {STUDENT!r})
-        torch.manual_seed({seed})
-        checkpoint.save({str(path)!r}, "student", cfg, arch.build(cfg).state_dict())
-    """)
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=path.parents[1])
+    """The tiny student's checkpoint with weights from ``seed`` (the same bytes every time)."""
+    Path(path).write_bytes(_student_checkpoint(seed))
+
+
+@functools.lru_cache(maxsize=None)
+def _student_checkpoint(seed: int) -> bytes:
+    # Made in this (torch-importing) process once per seed: a subprocess would import torch again
+    # for every project. fork_rng leaves the test process's random state as it was.
+    import tempfile
+
+    import torch
+
+    from export import checkpoint
+    from export.models.registry import get
+    from export.models.common import config_from_dict
+
+    arch = get("student")
+    cfg = config_from_dict(arch.config_cls, STUDENT)
+    with tempfile.TemporaryDirectory() as d, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        checkpoint.save(Path(d) / "student.pt", "student", cfg, arch.build(cfg).state_dict())
+        return (Path(d) / "student.pt").read_bytes()
 
 
 class Project:
@@ -135,3 +147,56 @@ class Project:
 
         art = self.root / "artifacts"
         return {str(p.relative_to(art)): file_digest(p) for p in sorted(art.glob("*/**/*")) if p.is_file()}
+
+
+class Built:
+    """A project built once for the whole test run (with pytest-xdist: once for every worker), in
+    a folder no test may write to. Tests take copies: ``copy(dest)`` is the built project (doit sees
+    it up to date, its own .cache included), ``fresh(dest)`` the same project before any build.
+
+    ``seconds`` is how long the cold build took, ``output`` its console output (a CompletedProcess)
+    and ``plan`` what ``doit plan --json`` said before it (when asked for)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        info = json.loads((root / "info.json").read_text())
+        self.seconds: float = info["seconds"]
+        self.args: list[str] = info["args"]
+        self.plan: dict | None = info["plan"]
+        self.output = subprocess.CompletedProcess(["doit", *info["args"]], 0, info["stdout"], info["stderr"])
+        self.project = Project(root / "project")  # read only: build in a copy
+        self.template = Project(root / "template")  # read only: the project before any build
+
+    def copy(self, dest: Path) -> Project:
+        return self.project.copy(dest)
+
+    def fresh(self, dest: Path) -> Project:
+        return self.template.copy(dest)
+
+    def artifact_digests(self) -> dict[str, str]:
+        return self.project.artifact_digests()
+
+
+def build_once(shared: Path, name: str, create, *args: str, plan: bool = False) -> Built:
+    """The project ``create(root)`` makes, built with ``doit *args`` once below ``shared`` (a
+    folder every xdist worker of the run sees); the first worker to get here builds it under a
+    file lock, the others wait for it and reuse it."""
+    from filelock import FileLock
+
+    root = shared / f"built-{name}"
+    shared.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(shared / f"built-{name}.lock")):
+        if not (root / "info.json").exists():
+            if root.exists():  # a build that failed half-way in another worker
+                shutil.rmtree(root)
+            root.mkdir()
+            template = create(root / "template")
+            p = template.copy(root / "project")
+            planned = json.loads(p.doit("plan", "--json").stdout) if plan else None
+            started = time.monotonic()
+            r = p.doit(*args)
+            info = {"seconds": time.monotonic() - started, "args": list(args), "plan": planned,
+                    "stdout": r.stdout, "stderr": r.stderr}
+            (root / "info.json.tmp").write_text(json.dumps(info))
+            (root / "info.json.tmp").rename(root / "info.json")
+    return Built(root)

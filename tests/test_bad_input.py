@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from faults import TINY_SETS, TINY_TOML, create_tiny, error_lines, no_traceback, snapshot
+from faults import TINY_SETS, TINY_TOML, error_lines, no_traceback, snapshot
 from scenario import STUDENT, Project, project_toml
 
 MARKER = "PWNED-marker"  # a file the malicious pickle would create if it ever ran
@@ -295,11 +295,13 @@ CASES = [
 ]
 
 
+pytestmark = pytest.mark.spread
+
+
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Project:
-    p = create_tiny(tmp_path_factory.mktemp("bad-input") / "project")
-    p.doit()
-    return p
+def built(tiny_built) -> Project:
+    """The run's shared built tiny project (read only: each case takes a copy)."""
+    return tiny_built.project
 
 
 def test_dev_names_line_and_column_of_a_toml_syntax_error(tmp_path):

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from faults import wait_for_path
 from scenario import SHAPE_SETS, Project, write_student_checkpoint
 
-pytestmark = pytest.mark.timeout(1800) if hasattr(pytest.mark, "timeout") else []
+pytestmark = pytest.mark.spread
 
 
 def leaves(model: str, modes, Ts) -> list[str]:
@@ -35,11 +36,9 @@ EVERYTHING = ({"checkpoint:judge"} | steps("export_pytorch", S + J) | steps("con
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Project:
-    """A project after one cold build (scenario 1's first half)."""
-    p = Project.create(tmp_path_factory.mktemp("built") / "project")
-    p.doit()
-    return p
+def built(scenario_built, tmp_path_factory) -> Project:
+    """A project after one cold build (scenario 1's first half): a copy of the run's shared one."""
+    return scenario_built.copy(tmp_path_factory.mktemp("built") / "project")
 
 
 @pytest.fixture
@@ -165,16 +164,12 @@ def test_a_killed_worker_fails_its_step_only(built, tmp_path):
     p = Project.create(tmp_path / "crash")
     proc = subprocess.Popen([sys.executable, "-m", "doit", "--continue"], cwd=p.root, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=p.env())
-    logs = p.root / ".export" / "logs"
     victim = None
-    deadline = time.time() + 600
-    while victim is None and time.time() < deadline and proc.poll() is None:
-        converting = logs.exists() and any(f.name.startswith("convert_coreml") for f in logs.iterdir())
+    if wait_for_path(proc, p.root, ".export/logs/convert_coreml*", timeout=600):  # a conversion has begun
         workers = [c for c in psutil.Process(proc.pid).children(recursive=True)]
-        if converting and workers:
+        if workers:
             victim = workers[0]
             victim.kill()
-        time.sleep(0.2)
     out, err = proc.communicate(timeout=900)
     assert victim is not None, "no worker was seen converting"
     assert proc.returncode != 0

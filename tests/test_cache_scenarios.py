@@ -19,11 +19,12 @@ def steps(step, names):
     return {f"{step}:{n}" for n in names}
 
 
+pytestmark = pytest.mark.spread
+
+
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Project:
-    p = Project.create(tmp_path_factory.mktemp("cached") / "project")
-    p.doit()
-    return p
+def built(scenario_built, tmp_path_factory) -> Project:
+    return scenario_built.copy(tmp_path_factory.mktemp("cached") / "project")
 
 
 @pytest.fixture
@@ -49,7 +50,7 @@ def _switch_option(p: Project, variant: str):
 
 @pytest.mark.parametrize("switch", [_switch_checkpoint, _switch_shape_set, _switch_option],
                          ids=["checkpoint", "shape_set", "coreml_option"])
-def test_A_B_A_restores_everything_and_converts_nothing(project, switch):
+def test_A_B_A_restores_everything_and_converts_nothing(scenario_built, project, switch):
     switch(project, "B")
     project.doit()
     assert project.ran()  # B is new: something was built
@@ -58,9 +59,7 @@ def test_A_B_A_restores_everything_and_converts_nothing(project, switch):
     assert project.ran() <= {"prune_artifacts"}  # B's own leaves are removed, nothing is built
     assert project.restored()  # A's artifacts came back from the cache
     assert not any(n.startswith("convert_coreml") for n in project.ran())
-    fresh = Project.create(project.root.parent / "reference")  # a clean build of A, no cache shared
-    fresh.doit()
-    assert project.artifact_digests() == fresh.artifact_digests()
+    assert project.artifact_digests() == scenario_built.artifact_digests()  # a clean build of A, no cache shared
 
 
 def test_a_second_checkout_with_empty_artifacts_builds_nothing(built, tmp_path):

@@ -5,43 +5,39 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from faults import create_tiny, no_traceback, popen_doit
-from scenario import Project, project_toml
-from test_kill import KILL_TOML, check_cache
+from faults import no_traceback, popen_doit, wait_for_path
+from scenario import Project
+from test_kill import check_cache
+
+pytestmark = pytest.mark.xdist_group("concurrency")  # builds racing each other: one test at a time (conftest.py)
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Project:
-    p = create_tiny(tmp_path_factory.mktemp("conc") / "template")
-    (p.root / "pyproject.toml").write_text(project_toml(KILL_TOML, name="conc"))
-    return p
+def template(kill_built) -> Project:
+    return kill_built.template
 
 
 @pytest.fixture(scope="module")
-def reference(template, tmp_path_factory) -> dict:
-    p = template.copy(tmp_path_factory.mktemp("conc-ref") / "project")
-    p.doit()
-    return p.artifact_digests()
+def reference(kill_built) -> dict:
+    return kill_built.artifact_digests()
 
 
-def _wait_path(path: Path, proc, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"the build ended early:\n{proc.communicate()}"
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
+def _wait_path(root: Path, rel: str, proc, timeout: float = 120) -> None:
+    """Wait for ``rel`` to appear below ``root`` while the build ``proc`` runs (an event, not a poll)."""
+    path = root / rel
+    assert wait_for_path(proc, root, rel, timeout), \
+        f"{path} never appeared (exit {proc.poll()}):\n{proc.communicate() if proc.poll() is not None else ''}"
 
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_n_builds_of_one_project_one_builds_the_others_wait(template, reference, tmp_path, n):
     p = template.copy(tmp_path / "project")
     first = popen_doit(p)
-    _wait_path(p.root / ".export" / "lock.owner", first)  # the first holds the lock
+    _wait_path(p.root, ".export/lock.owner", first)  # the first holds the lock
     others = [popen_doit(p) for _ in range(n - 1)]
     results = [(proc, *proc.communicate(timeout=900)) for proc in [first, *others]]
     for proc, out, err in results:
@@ -102,7 +98,7 @@ def test_doit_cache_gc_during_a_build(template, reference, tmp_path):
     env = {"MODEL_EXPORT_CACHE": str(tmp_path / "cache")}
     p = template.copy(tmp_path / "project")
     build = popen_doit(p, env=env)
-    _wait_path(p.root / ".export" / "lock.owner", build)
+    _wait_path(p.root, ".export/lock.owner", build)
     gc = popen_doit(p, "cache", "--gc", env=env)
     for proc in (build, gc):
         out, err = proc.communicate(timeout=900)

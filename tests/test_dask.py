@@ -48,11 +48,9 @@ def cluster(tmp_path_factory, s3_env):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Project:
+def reference(scenario_built) -> Project:
     """The same project built locally (no cluster): the bytes every cluster build must give."""
-    p = Project.create(tmp_path_factory.mktemp("reference") / "project")
-    p.doit("-n", "2")
-    return p
+    return scenario_built.project
 
 
 def _steps(p: Project) -> dict[str, dict]:

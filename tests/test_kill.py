@@ -17,28 +17,23 @@ from pathlib import Path
 
 import pytest
 
-from faults import STEPS, TINY_TOML, create_tiny, error_lines, kill_group, no_traceback, popen_doit
-from scenario import Project, project_toml
+from faults import (KILL_STEPS, STEPS, error_lines, kill_group, no_traceback, popen_doit, wait_for_delay,
+                    wait_for_path)
+from scenario import Project
 
-# prefill only: three steps (export, convert, bundle), so that a trial stays short
-KILL_TOML = TINY_TOML.replace('shape_set = "tiny"', 'shape_set = "tiny"\nmodes = ["prefill"]')
-KILL_STEPS = {s for s in STEPS if "decode" not in s}
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Project:
-    p = create_tiny(tmp_path_factory.mktemp("kill") / "template")
-    (p.root / "pyproject.toml").write_text(project_toml(KILL_TOML, name="kill"))
-    return p
+pytestmark = pytest.mark.xdist_group("kill")  # one kill trial at a time (conftest.py)
 
 
 @pytest.fixture(scope="module")
-def reference(template, tmp_path_factory) -> dict:
+def template(kill_built) -> Project:
+    """The unbuilt project (KILL_TOML): trials take copies."""
+    return kill_built.template
+
+
+@pytest.fixture(scope="module")
+def reference(kill_built) -> dict:
     """A clean build: its artifact digests and how long it took (the delays are fractions of it)."""
-    p = template.copy(tmp_path_factory.mktemp("kill-ref") / "project")
-    started = time.monotonic()
-    p.doit()
-    return {"digests": p.artifact_digests(), "seconds": time.monotonic() - started, "project": p}
+    return {"digests": kill_built.artifact_digests(), "seconds": kill_built.seconds, "project": kill_built.project}
 
 
 # Kill when a path matching this glob first appears (relative to the project).
@@ -67,19 +62,8 @@ ALL = [f"delay-{f}" for f in FRACTIONS] + list(FILE_TRIGGERS)
 def _wait_for(proc, root: Path, trial: str, cold: float) -> bool:
     """Wait for the trial's moment; True if it came while the build still ran."""
     if trial.startswith("delay-"):
-        deadline = time.monotonic() + float(trial[len("delay-"):]) * cold
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                return False
-            time.sleep(0.01)
-        return proc.poll() is None
-    pattern = FILE_TRIGGERS[trial]
-    deadline = time.monotonic() + 3 * cold + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if next(root.glob(pattern), None) is not None:
-            return True
-        time.sleep(0.002)
-    return False
+        return wait_for_delay(proc, float(trial[len("delay-"):]) * cold)
+    return wait_for_path(proc, root, FILE_TRIGGERS[trial], timeout=3 * cold + 60)
 
 
 def check_cache(root: Path) -> None:
@@ -99,16 +83,21 @@ def check_cache(root: Path) -> None:
 
 def run_trial(template: Project, reference: dict, tmp_path: Path, trial: str, args: tuple[str, ...] = ()) -> None:
     """Kill ``doit *args`` at the moment ``trial``, then ``doit`` again: a clean build's bytes."""
-    for attempt in range(3):  # a temporary that lives a millisecond can slip between two polls: try again
+    cold = reference["seconds"]
+    for attempt in range(3):
         p = template.copy(tmp_path / f"project{attempt}")
+        started = time.monotonic()
         proc = popen_doit(p, *args)
-        hit = _wait_for(proc, p.root, trial, reference["seconds"])
+        hit = _wait_for(proc, p.root, trial, cold)
         kill_group(proc)
         out, err = proc.communicate(timeout=60)
-        if hit:
+        if hit and proc.returncode == -signal.SIGKILL:
             break
+        # The build ended before the moment, or as the kill was sent: a delay as long as this build
+        # (the reference was timed on a busier machine). Try again, the delays as fractions of this build.
+        cold = min(cold, time.monotonic() - started)
     assert hit, f"the build ended before the moment {trial!r} came (exit {proc.returncode}):\n{out[-2000:]}\n{err[-2000:]}"
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, f"the build ended before the kill (exit {proc.returncode})"
     # What the killed build left: nothing it wrote counts as up to date unless its bytes are right.
     check_cache(p.root / ".cache")
     r = p.doit(check=False)
@@ -153,23 +142,21 @@ def test_sigint_stops_the_build_cleanly(template, reference, tmp_path):
 # Both modes: two exports and two conversions that can run at once, then the bundle.
 
 PARALLEL_QUICK = ["conversion-writing"]
-# (not "export-writing": a 250 kB temporary lives for about a millisecond, and with two lanes busy the
-# 2 ms poll can miss it; the serial trials keep it)
-PARALLEL_SLOW = ["export-log", "delay-0.37", "cache-first-entry", "package-manifest-writing", "bundle-writing"]
+# "export-writing": a 250 kB temporary that lives about a millisecond (a poll missed it; inotify does not)
+PARALLEL_SLOW = ["export-log", "export-writing", "delay-0.37", "cache-first-entry", "package-manifest-writing",
+                 "bundle-writing"]
 
 
 @pytest.fixture(scope="module")
-def template_n2(tmp_path_factory) -> Project:
-    return create_tiny(tmp_path_factory.mktemp("kill-n2") / "template")
+def template_n2(tiny_built) -> Project:
+    return tiny_built.template
 
 
 @pytest.fixture(scope="module")
-def reference_n2(template_n2, tmp_path_factory) -> dict:
-    """A clean ``doit -n 2`` build, checked to have really run two steps at once."""
-    p = template_n2.copy(tmp_path_factory.mktemp("kill-n2-ref") / "project")
-    started = time.monotonic()
-    p.doit("-n", "2")
-    seconds = time.monotonic() - started
+def reference_n2(tiny_built) -> dict:
+    """A clean ``doit -n 2`` build (the run's shared tiny project), checked to have really run two steps at once."""
+    assert tiny_built.args == ["-n", "2"]
+    p, seconds = tiny_built.project, tiny_built.seconds
     assert p.ran() == STEPS, p.last_build()
     record = json.loads((p.root / "artifacts" / "last_build.json").read_text())["tasks"]
     exports = [record[f"export_pytorch:student.{mode}.T16"] for mode in ("prefill", "decode")]

@@ -57,11 +57,19 @@ def plan_then_build(p: Project, *args: str, env: dict | None = None) -> dict[str
     return planned
 
 
+pytestmark = pytest.mark.spread
+
+
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """A project after one cold build, and the plan made before it."""
-    p = Project.create(tmp_path_factory.mktemp("planned") / "project")
-    cold = plan_then_build(p)
+def built(scenario_built, tmp_path_factory):
+    """A project after one cold build, and the plan made before it (the run's shared cold build,
+    checked here as plan_then_build checks: the build did what the plan said, task by task)."""
+    cold = {t["task"]: t for t in scenario_built.plan["tasks"]}
+    p = scenario_built.copy(tmp_path_factory.mktemp("planned") / "project")
+    done = p.last_build()
+    assert set(cold) == set(done), "plan and build disagree on which tasks take part"
+    wrong = {n: (t["verdict"], done[n]) for n, t in cold.items() if done[n] not in AGREES[t["verdict"]]}
+    assert not wrong, f"plan -> build: {wrong}"
     return p, cold
 
 

@@ -22,12 +22,13 @@ SVG = "{http://www.w3.org/2000/svg}"
 LEAVES = 23  # checkpoint:judge, 6 exports, 6 conversions, 6 verifications, 2 bundles, 2 bundle verifications
 
 
+pytestmark = pytest.mark.spread
+
+
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """A project after one cold build, and that build's console output."""
-    p = Project.create(tmp_path_factory.mktemp("reported") / "project")
-    r = p.doit()
-    return p, r
+def built(scenario_built, tmp_path_factory):
+    """A project after one cold build, and that build's console output (the run's shared build)."""
+    return scenario_built.copy(tmp_path_factory.mktemp("reported") / "project"), scenario_built.output
 
 
 @pytest.fixture

@@ -16,24 +16,22 @@ from pathlib import Path
 
 import pytest
 
-from faults import create_tiny, error_lines, file_digests, no_traceback
-from scenario import Project, project_toml
-from test_kill import KILL_STEPS, KILL_TOML, check_cache
+from faults import KILL_STEPS, error_lines, file_digests, no_traceback
+from scenario import Project
+from test_kill import check_cache
+
+pytestmark = pytest.mark.xdist_group("disk")  # a full disk (tmpfs): one trial at a time (conftest.py)
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Project:
-    p = create_tiny(tmp_path_factory.mktemp("res") / "template")
-    (p.root / "pyproject.toml").write_text(project_toml(KILL_TOML, name="res"))
-    return p
+def template(kill_built) -> Project:
+    return kill_built.template
 
 
 @pytest.fixture(scope="module")
-def built(template, tmp_path_factory) -> Project:
-    """A clean build, its cache (.cache) holding every step."""
-    p = template.copy(tmp_path_factory.mktemp("res-ref") / "project")
-    p.doit()
-    return p
+def built(kill_built) -> Project:
+    """A clean build, its cache (.cache) holding every step (the run's shared one: read it, copy it)."""
+    return kill_built.project
 
 
 @pytest.fixture(scope="module")
