@@ -8,7 +8,7 @@ import sys
 
 from export.planner import tasks
 from export.planner.tasks import (  # noqa: F401  (doit finds task_* here)
-    task_bundle_coreml, task_checkpoint, task_convert_coreml, task_export_onnx, task_export_pytorch,
+    task_bundle_coreml, task_checkpoint, task_compress_coreml, task_convert_coreml, task_export_onnx, task_export_pytorch,
     task_prune_artifacts)
 
 DOIT_CONFIG = tasks.setup(__file__, sys.argv)

