@@ -570,6 +570,10 @@ def stale_outputs() -> list[Path]:
             for p in sorted((model / sub).glob("*")):
                 if p not in expected and not p.name.startswith("."):  # dot-names: a step's temporaries
                     stale.append(p)
+        # bundles of recipes no longer picked (<model>.<recipe>.mlpackage, its manifest and contract)
+        for pattern in (f"{model.name}.*.mlpackage", f"{model.name}.*.mlpackage.manifest.json",
+                        f"{model.name}.*.contract.json"):
+            stale += [p for p in sorted(model.glob(pattern)) if p not in expected]
     return stale
 
 
