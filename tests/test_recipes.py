@@ -132,3 +132,57 @@ def test_nightly_proves_compressed_packages_reproducible(built, tmp_path):
     assert task["status"] == "built" and task["reproducible"] is True
     assert report["tasks"]["bundle_coreml:student.lut4"]["reproducible"] is True
     assert report["non_reproducible"] == []
+
+
+def save_tokenizer(folder: Path, extra_word: str = "") -> None:
+    """A real (tiny, word-level) tokenizer saved as transformers saves one: tokenizer.json + tokenizer_config.json."""
+    import tokenizers
+    import transformers
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "hello", "world", *([extra_word] if extra_word else [])])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                         eos_token="</s>").save_pretrained(folder)
+
+
+def test_tokenizer_and_parts_of_a_transformers_model(tmp_path):
+    """A tiny Llama: its weights fall into the recipe's parts; its tokenizer and generation config reach the
+    artifacts and contract.json; a tokenizer change rebundles and reconverts nothing."""
+    from test_hf_causal_lm import save_family
+
+    from export.digest import file_digest
+
+    p = Project.create(tmp_path / "p")
+    folder = save_family(p.root / "models", "llama")
+    save_tokenizer(folder)
+    assert (folder / "generation_config.json").is_file()
+    (p.root / "pyproject.toml").write_text(project_toml(f"""[tool.export]
+artifacts = "artifacts"
+shape_sets = "shape_sets.json"
+{RECIPES}
+[[tool.export.models]]
+name = "llama"
+architecture = "hf-causal-lm"
+checkpoint = "models/llama"
+shape_set = "hf"
+modes = ["prefill"]
+coreml = {{ minimum_deployment_target = "iOS18" }}
+recipes = ["lut4"]
+"""))
+    p.set_shape_sets({"hf": {"prefill": [16]}})
+    p.doit()
+    art = p.root / "artifacts" / "llama"
+    q = json.loads((art / "coreml" / "prefill_T16.lut4.quality.json").read_text())
+    assert q["weights_per_part"] == {"default": 0, "embeddings": 1, "attention": 8, "ffn": 6, "lm_head": 1}
+    contract = json.loads((art / "contract.json").read_text())
+    names = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+    assert sorted(contract["files"]) == sorted(names)
+    for n in names:
+        assert (art / n).read_bytes() == (folder / n).read_bytes()
+        assert contract["files"][n]["digest"] == file_digest(folder / n)
+    save_tokenizer(folder, extra_word="again")
+    p.doit()
+    assert p.ran() - {"prune_artifacts"} == {"bundle_coreml:llama"}
+    assert json.loads((art / "contract.json").read_text())["files"]["tokenizer.json"]["digest"] == \
+        file_digest(folder / "tokenizer.json") != contract["files"]["tokenizer.json"]["digest"]
