@@ -71,6 +71,12 @@ def test_a_recipe_builds_a_compressed_package_its_quality_and_its_bundle(built):
     assert 0 < q["max_abs_err"] and 0 < q["mean_abs_err"] <= q["max_abs_err"]
     assert 0.5 < q["top1_agreement"] <= 1 and q["mean_kl"] >= 0 and q["positions"] == 4 * 16
     assert q["weights_per_part"]["lm_head"] == 1 and q["weights_per_part"]["attention"] == 8
+    record = json.loads((built.root / "artifacts" / "last_build.json").read_text())
+    assert record["tasks"]["compress_coreml:student.prefill.T16.lut4"]["quality"] == q
+    report = json.loads((built.root / "artifacts" / "report.json").read_text())
+    [row] = report["recipes"]["student"]
+    assert row["recipe"] == "lut4" and row["size_bytes"] > 0 and row["top1_agreement"] == q["top1_agreement"]
+    assert "<h2>Recipes</h2>" in (built.root / "artifacts" / "report.html").read_text()
 
 
 def test_user_metadata_survives_the_merge(built):
@@ -109,6 +115,9 @@ def test_two_recipes_build_side_by_side(built, tmp_path):
     for r in ("lut4", "int4"):
         assert (art / f"student.{r}.mlpackage" / "Manifest.json").is_file()
         assert json.loads((art / "coreml" / f"prefill_T16.{r}.quality.json").read_text())["top1_agreement"] > 0.5
+    rows = json.loads((p.root / "artifacts" / "report.json").read_text())["recipes"]["student"]
+    assert sorted(r["recipe"] for r in rows) == ["int4", "lut4"]
+    assert [r["size_bytes"] for r in rows] == sorted(r["size_bytes"] for r in rows)
 
 
 def test_a_recipe_the_target_cannot_run_is_refused_before_any_step(built, tmp_path):

@@ -27,7 +27,7 @@ from .. import atomic
 
 # What a task's values add to its record: output digests and sizes, the step's
 # own seconds and peak memory, the action key, the nightly's verdict, and the Dask worker that ran it.
-KEPT = ("outputs", "sizes", "peak_mb", "reserved_mb", "started", "ended", "action_key", "reproducible", "cached",
+KEPT = ("outputs", "sizes", "peak_mb", "reserved_mb", "started", "ended", "action_key", "reproducible", "cached", "quality",
         "worker")
 HEARTBEAT = 60.0  # seconds between "still running" lines when not on a terminal
 

@@ -474,11 +474,20 @@ def task_compress_coreml():
                 kwargs = {"package": str(pkg), "exported": str(files["exported_program"]) if "exported_program" in files
                           else str(files[m.convert_from]), "contract": str(contract), "recipe": recipe.to_json(),
                           "out": str(out), "quality": str(quality)}
-                yield _task("compress_coreml", f"{leaf(m, mode, T)}.{recipe.name}",
-                            f"{m.name} {mode} T={T}: compressed by recipe {recipe.name}, quality measured",
-                            kwargs, {"recipe": recipe.to_json()}, [out, manifest_of(out), quality],
-                            [manifest_of(out), quality],
-                            file_dep=[manifest_of(pkg), Path(kwargs["exported"]), contract])
+                task = _task("compress_coreml", f"{leaf(m, mode, T)}.{recipe.name}",
+                             f"{m.name} {mode} T={T}: compressed by recipe {recipe.name}, quality measured",
+                             kwargs, {"recipe": recipe.to_json()}, [out, manifest_of(out), quality],
+                             [manifest_of(out), quality],
+                             file_dep=[manifest_of(pkg), Path(kwargs["exported"]), contract])
+                task["actions"].append((_quality_values, [quality]))  # the figures reach last_build.json
+                yield task
+
+
+def _quality_values(path: Path) -> dict:
+    try:
+        return {"quality": json.loads(Path(path).read_text())}
+    except (OSError, ValueError):
+        return {}
 
 
 def task_bundle_coreml():
