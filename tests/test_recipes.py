@@ -195,3 +195,55 @@ recipes = ["lut4"]
     assert p.ran() - {"prune_artifacts"} == {"bundle_coreml:llama"}
     assert json.loads((art / "contract.json").read_text())["files"]["tokenizer.json"]["digest"] == \
         file_digest(folder / "tokenizer.json") != contract["files"]["tokenizer.json"]["digest"]
+
+
+BAD_RECIPES = [
+    ('[tool.export.recipes.r]\nattn = { quantize = "int8" }\n', ["student"], "tool.export.recipes.r.attn", "unknown part"),
+    ('[tool.export.recipes.r]\ndefault = { quantize = "int8", palettize_bits = 4 }\n', ["r"], "tool.export.recipes.r.default",
+     "exactly one"),
+    ('[tool.export.recipes.r]\ndefault = { palettize_bits = 5 }\n', ["r"], "tool.export.recipes.r.default.palettize_bits",
+     "not one of"),
+    ('[tool.export.recipes.r]\ndefault = { palettize_bits = 4, group_size = 8 }\n', ["r"],
+     "tool.export.recipes.r.default.group_size", "per_grouped_channel"),
+    ('[tool.export.recipes.r]\ndefault = { quantize = "int2" }\n', ["r"], "tool.export.recipes.r.default.quantize", "not one of"),
+    ('[tool.export.recipes.r]\ndefault = "none"\n', ["r"], "tool.export.recipes.r", "compresses nothing"),
+    ('[tool.export.recipes.r]\ndefault = { quantize = "int8" }\n', ["s"], "tool.export.models[0].recipes[0]", "unknown value"),
+]
+
+
+@pytest.mark.parametrize("recipes,picked,field,words", BAD_RECIPES)
+def test_bad_recipes_name_the_file_and_the_field(tmp_path, recipes, picked, field, words):
+    import tomllib
+
+    from export import config
+    from export.errors import ExportError
+
+    (tmp_path / "shape_sets.json").write_text(json.dumps({"one": {"prefill": [16]}}))
+    names = ", ".join(f'"{r}"' for r in picked)
+    text = (f'[tool.export]\n{recipes}\n[[tool.export.models]]\nname = "student"\nshape_set = "one"\nmodes = ["prefill"]\n'
+            f'coreml = {{ minimum_deployment_target = "iOS18" }}\nrecipes = [{names}]\n')
+    with pytest.raises(ExportError) as e:
+        config.parse(tomllib.loads(text)["tool"]["export"], root=tmp_path, file=tmp_path / "pyproject.toml")
+    assert e.value.field == field and words in str(e.value)
+
+
+def test_in_conversion_compression_and_recipes_do_not_mix(tmp_path):
+    import tomllib
+
+    from export import config
+    from export.errors import ExportError
+
+    (tmp_path / "shape_sets.json").write_text(json.dumps({"one": {"prefill": [16]}}))
+    text = ('[tool.export]\n[tool.export.recipes.r]\ndefault = { quantize = "int8" }\n[[tool.export.models]]\n'
+            'name = "student"\nshape_set = "one"\nmodes = ["prefill"]\ncoreml = { compression = "palettize" }\nrecipes = ["r"]\n'
+            'metadata = { author = "a" }\n')
+    with pytest.raises(ExportError) as e:
+        config.parse(tomllib.loads(text)["tool"]["export"], root=tmp_path, file=tmp_path / "pyproject.toml")
+    assert e.value.field == "tool.export.models[0].coreml.compression" and "[tool.export.recipes]" in str(e.value)
+    ok = text.replace('coreml = { compression = "palettize" }\n', "")
+    m = config.parse(tomllib.loads(ok)["tool"]["export"], root=tmp_path, file=tmp_path / "pyproject.toml").models[0]
+    assert [r.name for r in m.recipes] == ["r"] and m.metadata == (("author", "a"),)
+    bad = ok.replace('metadata = { author = "a" }', 'metadata = { owner = "a" }')
+    with pytest.raises(ExportError) as e:
+        config.parse(tomllib.loads(bad)["tool"]["export"], root=tmp_path, file=tmp_path / "pyproject.toml")
+    assert e.value.field == "tool.export.models[0].metadata.owner"

@@ -85,14 +85,12 @@ def measure(float_package: Path, package: Path, exported: Path, contract: Path) 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ep = torch.export.load(str(exported))
-    reference = _program_with(ep, dense_weights(float_package), float_package)
+    float_weights = dense_weights(float_package)
+    reference = _program_with(ep, float_weights, float_package)
     candidate = _program_with(ep, dense_weights(package), package)
     out_names = [t["name"] for t in c["outputs"]]
     main = "logits" if "logits" in out_names else out_names[0]
-    shape = next(t["shape"] for t in c["outputs"] if t["name"] == main)
-    vocab = int(shape[-1]) if main == "logits" else 2
-    if "input_ids" in [t["name"] for t in c["inputs"]] and main != "logits":
-        vocab = 64
+    vocab = _vocab(float_weights)
     errs, agree, kls, n = [], 0, [], 0
     with torch.no_grad():
         for args in _inputs(c, vocab):
@@ -114,6 +112,17 @@ def measure(float_package: Path, package: Path, exported: Path, contract: Path) 
         figures["mean_kl"] = float(torch.cat(kls).mean())
         figures["positions"] = n
     return {k: (round(v, 8) if isinstance(v, float) else v) for k, v in figures.items()}
+
+
+def _vocab(weights: dict[str, np.ndarray]) -> int:
+    """The token count: rows of the embedding table (tokens drawn below it are valid for every model)."""
+    from .compress import part_of
+
+    rows = [w.shape[0] for name, w in weights.items() if w.ndim == 2 and part_of(name) == "embeddings"]
+    if not rows:
+        raise ExportError("no embedding table among the package's weights: cannot draw valid tokens",
+                          field="weights")
+    return int(min(rows))
 
 
 def _main(result, names: list[str], main: str):
