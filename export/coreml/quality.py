@@ -29,6 +29,7 @@ from .. import contract as contract_mod
 from ..errors import ExportError
 
 SEQUENCES = 4  # fixed token sequences per prefill leaf (seeded)
+DECODE_TOKENS = 16  # fixed single tokens per decode leaf, each over an empty cache
 SUFFIX = re.compile(r"(_to_fp16|_to_fp32|_palettized|_quantized)+$")
 
 
@@ -60,10 +61,10 @@ def _program_with(ep, weights: dict[str, np.ndarray], package: Path):
 
 
 def _inputs(c: dict, vocab: int) -> list[tuple]:
-    """Fixed inputs from the contract: seeded random tokens; decode: one token after an empty cache."""
+    """Fixed inputs from the contract: seeded random tokens; decode: single tokens over an empty cache."""
     rng = np.random.default_rng(0)
     out = []
-    for _ in range(SEQUENCES if c["mode"] == "prefill" else 1):
+    for _ in range(SEQUENCES if c["mode"] == "prefill" else DECODE_TOKENS):
         args = []
         for t in c["inputs"]:
             shape = tuple(t["shape"])
