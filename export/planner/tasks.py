@@ -258,7 +258,7 @@ def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], 
         return TaskFailed(f"error: {pyproject}: tool.export.cache.remote: steps on the Dask cluster at {address} "
                           "need a shared cache that the workers reach and the build may write (a directory they "
                           "all mount, or s3://...)")
-    input_rels = [*inputs, *(rel(Path(p)) for p in kwargs.get("packages", ()))]
+    input_rels = [*inputs, *(rel(Path(p)) for p in _package_inputs(kwargs))]
     digests = {rel: _stat().any(root / rel) for rel in input_rels}
     inputs_key = "in-" + bytes_digest(json.dumps(digests, sort_keys=True).encode())
     if not cache.remote_has(inputs_key):
@@ -292,10 +292,16 @@ def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], 
     return values
 
 
+def _package_inputs(kwargs: dict) -> list[str]:
+    """The package folders a step reads (a bundle's packages, the float package a recipe compresses): doit
+    depends on their manifests, the step on the folders."""
+    return [*kwargs.get("packages", ()), *([kwargs["package"]] if "package" in kwargs else [])]
+
+
 def need_mb(step: str, kwargs: dict, inputs: list[str]) -> int:
     """The memory ``step`` reserves: its record's estimate from the bytes it reads (export/stepdefs.py)."""
     data = sum(_size(S.config.root / rel) for rel in inputs if (S.config.root / rel).exists())
-    data += sum(_size(Path(p)) for p in kwargs.get("packages", ()) if Path(p).exists())
+    data += sum(_size(Path(p)) for p in _package_inputs(kwargs) if Path(p).exists())
     return STEPS[step].need_mb(data)
 
 
