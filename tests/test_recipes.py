@@ -247,3 +247,20 @@ def test_in_conversion_compression_and_recipes_do_not_mix(tmp_path):
     with pytest.raises(ExportError) as e:
         config.parse(tomllib.loads(bad)["tool"]["export"], root=tmp_path, file=tmp_path / "pyproject.toml")
     assert e.value.field == "tool.export.models[0].metadata.owner"
+
+
+def test_weight_names_fall_into_parts():
+    """Names as coremltools gives them (listed from converted tiny student, Llama and judge packages)."""
+    from export.coreml.compress import part_of
+
+    assert [part_of(n) for n in ("p_model_embed_weight_to_fp16", "p_model_blocks_0_wq_weight_to_fp16",
+                                 "p_model_blocks_1_wo_weight_to_fp16", "p_model_blocks_0_w_gate_weight_to_fp16",
+                                 "p_model_blocks_0_w_down_weight_to_fp16", "p_model_lm_head_weight_to_fp16")] == \
+        ["embeddings", "attention", "attention", "ffn", "ffn", "lm_head"]
+    assert [part_of(n) for n in ("p_model_lm_model_embed_tokens_weight_to_fp16",
+                                 "p_model_lm_model_layers_0_self_attn_k_proj_weight_to_fp16",
+                                 "p_model_lm_model_layers_0_mlp_up_proj_weight_to_fp16", "p_model_lm_lm_head_weight_to_fp16")] == \
+        ["embeddings", "attention", "ffn", "lm_head"]
+    assert [part_of(n) for n in ("p_embed_weight", "p_pos_weight", "p_layers_0_qkv_weight", "p_layers_0_out_weight",
+                                 "p_layers_0_fc1_weight", "p_head_weight")] == \
+        ["embeddings", "default", "attention", "attention", "ffn", "default"]

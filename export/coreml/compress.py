@@ -3,7 +3,7 @@
 Weights are sorted into parts by the names of their const ops in the converted
 MIL program (``PART_PATTERNS``: the names coremltools gives the weights of an
 ExportedProgram follow the module path, e.g. ``p_model_blocks_0_wq_weight_to_fp16``
-for the student and ``p_lm_model_layers_0_self_attn_q_proj_weight`` for a
+for the student and ``p_model_lm_model_layers_0_self_attn_q_proj_weight_to_fp16`` for a
 transformers Llama; tests/test_recipes.py lists the real names of both).
 Only the program's parameters (``p_...``) of rank 2 or more are compressed
 (norm gains, biases and the converter's own constants stay float). Each part's setting becomes one op-name config of
@@ -28,7 +28,7 @@ from .mlpackage import METADATA_PREFIX, canonicalize, read_spec
 PART_PATTERNS: tuple[tuple[str, re.Pattern], ...] = (
     ("embeddings", re.compile(r"(^|_)(embed|embed_tokens|tok_embeddings|wte|word_embeddings)_weight")),
     ("lm_head", re.compile(r"(^|_)(lm_head|output)_weight")),
-    ("attention", re.compile(r"(^|_)(wq|wk|wv|wo|q_proj|k_proj|v_proj|o_proj|qkv_proj|out_proj|dense|query_key_value)_weight")),
+    ("attention", re.compile(r"(^|_)(wq|wk|wv|wo|q_proj|k_proj|v_proj|o_proj|qkv_proj|out_proj|qkv|out|dense|query_key_value)_weight")),
     ("ffn", re.compile(r"(^|_)(w_gate|w_up|w_down|gate_proj|up_proj|down_proj|gate_up_proj|fc1|fc2|w1|w2|w3)_weight")),
 )
 MIN_RANK = 2
