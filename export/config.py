@@ -29,13 +29,14 @@ Every error names the file and the field. Imports no torch.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import shape_sets as shape_sets_mod
-from .coreml.options import CoreMLOptions
+from .coreml.options import STATEFUL_TARGETS, CoreMLOptions
 from .errors import ExportError
 from .recipes import Recipe, parse_recipes
 from .contract import FORMATS as EXPORT_FORMATS
@@ -148,6 +149,7 @@ def parse(table: object, *, root: Path, file: Path) -> Config:
         raise ExportError(f"unknown key(s) {unknown}; known: {sorted(TOP_KEYS)}", file=file, field=f"tool.export.{unknown[0]}")
     artifacts = root / _expect(table.get("artifacts", "artifacts"), str, file=file, field="tool.export.artifacts")
     sets_file = root / _expect(table.get("shape_sets", "shape_sets.json"), str, file=file, field="tool.export.shape_sets")
+    artifacts = _artifacts_folder(artifacts, root=root, file=file, keep=[sets_file])
     models_raw = table.get("models")
     if models_raw is None:
         raise ExportError("no models: add at least one [[tool.export.models]]", file=file, field="tool.export.models")
@@ -161,14 +163,75 @@ def parse(table: object, *, root: Path, file: Path) -> Config:
         m = _model(raw, i, sets=sets, sets_file=sets_file, file=file, recipes=recipes)
         if m.name in seen:
             raise ExportError(f"duplicate model name {m.name!r} (also models[{seen[m.name]}])", file=file, field=f"tool.export.models[{i}].name")
+        # names become folder names: macOS's case-insensitive disks, where the artifacts are opened, merge these
+        same = next((j for n, j in seen.items() if n.lower() == m.name.lower()), None)
+        if same is not None:
+            raise ExportError(f"model name {m.name!r} differs from models[{same}]'s {models[same].name!r} only in case: "
+                              "their folders would be one on a case-insensitive disk (macOS)", file=file,
+                              field=f"tool.export.models[{i}].name")
         seen[m.name] = i
         models.append(m)
+    _check_set_modes(sets, models, sets_file=sets_file)
+    for i, m in enumerate(models):
+        if not m.is_demo:
+            _outside_artifacts(root / m.checkpoint, artifacts, file=file, field=f"tool.export.models[{i}].checkpoint",
+                               what=f"the checkpoint of model {m.name!r}")
     cache = _cache(table.get("cache", {}), root=root, file=file)
     budget = table.get("memory_budget_mb")
     if budget is not None and (_expect(budget, int, file=file, field="tool.export.memory_budget_mb") <= 0):
         raise ExportError(f"must be a positive number of MB, got {budget}", file=file, field="tool.export.memory_budget_mb")
     return Config(root=root, artifacts=artifacts, shape_sets_file=sets_file, models=tuple(models), cache=cache,
                   memory_budget_mb=budget, dask=_dask(table.get("dask", {}), file=file))
+
+
+# What an artifacts folder may never hold: the build prunes there, and a project file in it could be
+# taken for an output (the promise: the build never deletes or alters a file it did not write).
+PROJECT_FILES = ("pyproject.toml", "dodo.py", "export", ".export", ".git")
+
+
+def _inside(p: Path, folder: Path) -> bool:
+    return p == folder or folder in p.parents
+
+
+def _artifacts_folder(artifacts: Path, *, root: Path, file, keep: list[Path]) -> Path:
+    """The artifacts folder, resolved: a folder of its own inside the project, holding none of its files."""
+    at = "tool.export.artifacts"
+    resolved = Path(os.path.realpath(artifacts))
+    if not _inside(resolved, root) or resolved == root:
+        where = "the project folder itself" if resolved == root else f"{resolved}, outside the project folder {root}"
+        raise ExportError(f"the artifacts folder is {where}: give a folder of its own inside the project "
+                          "(e.g. \"artifacts\")", file=file, field=at)
+    for name in PROJECT_FILES:
+        if _inside(resolved, root / name) or _inside(root / name, resolved):
+            raise ExportError(f"the artifacts folder {resolved.relative_to(root)} {'is inside' if _inside(resolved, root / name) else 'holds'} "
+                              f"the project's {name}: give a folder of its own (e.g. \"artifacts\")", file=file, field=at)
+    for p in keep:
+        _outside_artifacts(p, resolved, file=file, field=at, what=f"the project's {p.name}")
+    return resolved
+
+
+def _outside_artifacts(p: Path, artifacts: Path, *, file, field: str, what: str) -> None:
+    if _inside(Path(os.path.realpath(p)), artifacts):
+        raise ExportError(f"{what} ({p}) is inside the artifacts folder {artifacts}: the build writes and prunes "
+                          "there; keep inputs outside it", file=file, field=field)
+
+
+def _check_set_modes(sets: dict, models: list, *, sets_file: Path) -> None:
+    """A mode in a shape set that no architecture has, or that no model using the set has, is an error (it
+    would be silently ignored)."""
+    known = sorted({mode for modes in ARCHITECTURE_MODES.values() for mode in modes})
+    for name, modes in sets.items():
+        users = [m for m in models if m.shape_set == name]
+        have = {mode for m in users for mode in ARCHITECTURE_MODES[m.architecture]}
+        for mode in modes:
+            if mode not in known:
+                raise ExportError(f"unknown mode {mode!r}; the architectures have {known}", file=sets_file,
+                                  field=f"{name}.{mode}")
+            if users and mode not in have:
+                archs = sorted({m.architecture for m in users})
+                raise ExportError(f"mode {mode!r} is not a mode of {' or '.join(repr(a) for a in archs)} (the "
+                                  f"architecture of every model using shape set {name!r}): it would never be built",
+                                  file=sets_file, field=f"{name}.{mode}")
 
 
 def _dask(raw, *, file) -> DaskConfig:
@@ -237,6 +300,14 @@ def _model(raw, i, *, sets, sets_file, file, recipes=None) -> ModelConfig:
     if dtype not in ("fp32", "fp16"):
         raise ExportError(f"expected 'fp32' or 'fp16', got {dtype!r}", file=file, field=f"{at}.dtype")
     coreml = CoreMLOptions.from_dict(raw.get("coreml", {}), file=file, field=f"{at}.coreml")
+    if coreml.kv_cache == "state" and coreml.compute_precision != "fp16" and "decode" in modes:
+        raise ExportError("a stateful KV cache keeps fp16 state: use coreml.compute_precision = \"fp16\" (the "
+                          "decode conversion would fail)", file=file, field=f"{at}.coreml.kv_cache")
+    if coreml.compression != "none" and coreml.minimum_deployment_target not in STATEFUL_TARGETS:
+        # found before any step runs: else every leaf converts and the model's bundle fails at the end
+        raise ExportError(f"compressed packages merge into the model's bundle only when converted for "
+                          f"{' or '.join(STATEFUL_TARGETS)}: set coreml.minimum_deployment_target to one of them (got "
+                          f"{coreml.minimum_deployment_target!r})", file=file, field=f"{at}.coreml.compression")
     chosen_recipes = _model_recipes(raw, at, recipes or {}, coreml, file=file)
     return ModelConfig(name=name, architecture=arch, checkpoint=checkpoint, shape_set=set_name, modes=modes,
                        enumerated_T=enumerated, formats=formats, convert_from=convert_from, dtype=dtype, coreml=coreml,

@@ -118,3 +118,24 @@ class StatCache:
     def any(self, p: Path | str) -> str:
         """A file's or a directory's digest."""
         return self.tree(p) if Path(p).is_dir() else self.file(p)
+
+
+class ReadOnlyStatCache(StatCache):
+    """The stat cache, read but never written (a file it does not know is hashed, not remembered).
+    Opened read-only; when its WAL holds rows, SQLite still maps the ``-shm`` index, as for any reader."""
+
+    def _db(self):
+        if self._conn is None:
+            try:
+                if not self.db_path.exists():
+                    return None
+                wal = self.db_path.with_name(self.db_path.name + "-wal")
+                # All rows in the main file (no WAL, or an empty one): read it as immutable, which
+                # touches nothing (a read-only connection would still delete an empty WAL on close).
+                mode = "ro&immutable=1" if not wal.exists() or wal.stat().st_size == 0 else "ro"
+                self._conn = sqlite3.connect(f"file:{self.db_path.resolve()}?mode={mode}", uri=True, timeout=30)
+                self._conn.execute("SELECT 1 FROM digests LIMIT 1")
+            except sqlite3.Error:
+                self._conn = None
+                return None
+        return self._conn

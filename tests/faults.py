@@ -11,11 +11,13 @@ from pathlib import Path
 
 from scenario import Project, project_toml, student_toml, write_student_checkpoint
 
-# One student, one T per mode: five steps (2 exports, 2 conversions, 1 bundle), about 30 s cold.
+# One student, one T per mode: eight steps (2 exports, 2 conversions, 2 verifications, 1 bundle and its
+# verification), about 40 s cold.
 TINY_TOML = student_toml("tiny")
 TINY_SETS = {"tiny": {"prefill": [16], "decode": [16]}}
 STEPS = {"export_pytorch:student.prefill.T16", "export_pytorch:student.decode.T16",
-         "convert_coreml:student.prefill.T16", "convert_coreml:student.decode.T16", "bundle_coreml:student"}
+         "convert_coreml:student.prefill.T16", "convert_coreml:student.decode.T16", "bundle_coreml:student",
+         "verify_coreml:student.prefill.T16", "verify_coreml:student.decode.T16", "verify_coreml:student"}
 
 
 def create_tiny(root: Path) -> Project:

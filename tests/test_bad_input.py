@@ -46,6 +46,19 @@ def add_model_key(line: str):
     return edit_toml('shape_set = "tiny"\n', f'shape_set = "tiny"\n{line}\n')
 
 
+def dev_build(brk):
+    """Break the project with ``brk``, then run ``./dev build`` (a copy of the repository's script) in it."""
+    def run(p: Project):
+        brk(p)
+        import shutil
+
+        from scenario import REPO
+
+        shutil.copy(REPO / "dev", p.root / "dev")
+        return ["bash", "dev", "build"]
+    return run
+
+
 def sets_text(text: str):
     def brk(p: Project):
         (p.root / "shape_sets.json").write_text(text)
@@ -190,19 +203,31 @@ SINGLE = TINY_TOML
 
 CASES = [
     # --- the config (pyproject.toml) ---
-    # No fix without wrapping doit (checked in doit 0.37.0): `doit` and `python -m doit` both run
-    # DoitMain() (doit/__main__.py), whose __init__ (doit_cmd.py) parses pyproject.toml with tomllib
-    # before the task loader imports dodo.py, i.e. before any code of ours runs, and nothing there
-    # catches the TOMLDecodeError. Moving [tool.doit] to doit.cfg does not help: DoitMain's
-    # config_filenames default is ('pyproject.toml', 'doit.cfg') and every one that exists is parsed
-    # (tried: same traceback). Command plugins (entry points or [tool.doit.plugins]) load after that
-    # parse. What is left runs in every interpreter (a .pth file, sitecustomize) or replaces the
-    # user's `doit` (a wrapper script): not done.
-    pytest.param(("config-not-toml", edit_toml("[tool.export]", "[tool.export"), PY, "(file)"),
-                 marks=pytest.mark.xfail(strict=True, reason="doit 0.37's DoitMain.__init__ parses pyproject.toml "
-                                         "(even with a doit.cfg) before dodo.py is imported and does not catch "
-                                         "tomllib.TOMLDecodeError: its traceback reaches the user; only a wrapper "
-                                         "around doit's entry point could catch it")),
+    # doit parses pyproject.toml before any code of ours runs (DoitMain.__init__ in doit 0.37), so a
+    # TOML syntax error is caught by `./dev build`, the README's command, before it starts doit.
+    ("config-not-toml", dev_build(edit_toml("[tool.export]", "[tool.export")), PY, "not valid TOML"),
+    # an artifacts folder holding the project's own files, or outside the project (issue #20)
+    ("config-artifacts-in-package", edit_toml('artifacts = "artifacts"', 'artifacts = "export"'), PY, "tool.export.artifacts"),
+    ("config-artifacts-project-root", edit_toml('artifacts = "artifacts"', 'artifacts = "."'), PY, "tool.export.artifacts"),
+    ("config-artifacts-absolute-outside", edit_toml('artifacts = "artifacts"', 'artifacts = "/tmp/model-export-artifacts"'), PY, "tool.export.artifacts"),
+    ("config-artifacts-dotdot", edit_toml('artifacts = "artifacts"', 'artifacts = "../elsewhere"'), PY, "tool.export.artifacts"),
+    ("config-artifacts-holds-checkpoints", edit_toml('artifacts = "artifacts"', 'artifacts = "checkpoints"'), PY, "checkpoint"),
+    ("config-artifacts-state-folder", edit_toml('artifacts = "artifacts"', 'artifacts = ".export/out"'), PY, "tool.export.artifacts"),
+    # combinations that cannot build, found before any step runs (issue #20)
+    ("config-compression-below-ios18", add_model_key('coreml = { compression = "palettize" }'), PY, f"{M0}.coreml.compression"),
+    ("config-linear-int8-macos14", add_model_key('coreml = { compression = "linear_int8", minimum_deployment_target = "macOS14" }'),
+     PY, f"{M0}.coreml.compression"),
+    ("config-state-kv-cache-fp32", add_model_key('coreml = { kv_cache = "state", minimum_deployment_target = "iOS18", compute_precision = "fp32" }'),
+     PY, f"{M0}.coreml.kv_cache"),
+    ("config-names-equal-but-for-case", toml(SINGLE + "\n" + SINGLE.split("\n\n", 1)[1].replace('name = "student"', 'name = "Student"')),
+     PY, "tool.export.models[1].name"),
+    ("sets-mode-no-architecture-has", sets({"tiny": {"prefill": [16], "decode": [16], "train": [16]}}), SETS, "tiny.train"),
+    ("sets-mode-the-architecture-lacks", toml(SINGLE.replace('shape_set = "tiny"', 'shape_set = "tiny"\narchitecture = "judge"', 1)
+                                              .replace('architecture = "student"\n', '', 1)), SETS, "tiny.decode"),
+    # an unreachable scheduler blames where its address came from: the flag or the environment, not the file
+    ("dask-flag-unreachable", lambda p: [sys.executable, "-m", "doit", "--dask", "tcp://127.0.0.1:9"], "doit --dask", "ADDRESS"),
+    ("dask-env-unreachable", lambda p: ["env", "MODEL_EXPORT_DASK_SCHEDULER=tcp://127.0.0.1:9", sys.executable, "-m", "doit"],
+     "$MODEL_EXPORT_DASK_SCHEDULER", "(environment)"),
     ("config-unknown-top-key", edit_toml('artifacts = "artifacts"', 'artifacts = "artifacts"\ncolour = "red"'), PY, "tool.export.colour"),
     ("config-unknown-model-key", add_model_key('colour = "red"'), PY, f"{M0}.colour"),
     ("config-artifacts-not-a-string", edit_toml('artifacts = "artifacts"', "artifacts = 3"), PY, "tool.export.artifacts"),
@@ -275,6 +300,20 @@ def built(tmp_path_factory) -> Project:
     p = create_tiny(tmp_path_factory.mktemp("bad-input") / "project")
     p.doit()
     return p
+
+
+def test_dev_names_line_and_column_of_a_toml_syntax_error(tmp_path):
+    """One line, file:line:column, before any set-up (no .venv is made) or doit runs."""
+    import shutil
+
+    from scenario import REPO
+
+    shutil.copy(REPO / "dev", tmp_path / "dev")
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n\n[tool.export]\nartifacts = "a\n')
+    r = subprocess.run(["bash", "dev", "build"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: pyproject.toml:5:") and r.stderr.count("\n") == 1, r.stderr
+    assert "not valid TOML" in r.stderr and not (tmp_path / ".venv").exists()
 
 
 def test_the_table_is_big_enough():

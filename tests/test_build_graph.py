@@ -29,7 +29,9 @@ def steps(step: str, names) -> set[str]:
 
 
 BUNDLES = {"bundle_coreml:student", "bundle_coreml:judge"}
-EVERYTHING = {"checkpoint:judge"} | steps("export_pytorch", S + J) | steps("convert_coreml", S + J) | BUNDLES
+VERIFY_BUNDLES = {"verify_coreml:student", "verify_coreml:judge"}
+EVERYTHING = ({"checkpoint:judge"} | steps("export_pytorch", S + J) | steps("convert_coreml", S + J) | BUNDLES
+              | steps("verify_coreml", S + J) | VERIFY_BUNDLES)
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +64,13 @@ def test_adding_a_T_builds_only_its_leaves_and_removing_it_builds_none(project):
     project.set_shape_sets(sets)
     project.doit()
     new = leaves("student", ("prefill", "decode"), (64,))
-    assert project.ran() == steps("export_pytorch", new) | steps("convert_coreml", new) | {"bundle_coreml:student"}
+    assert project.ran() == (steps("export_pytorch", new) | steps("convert_coreml", new) | steps("verify_coreml", new)
+                             | {"bundle_coreml:student", "verify_coreml:student"})
     project.set_shape_sets(SHAPE_SETS)
     project.doit()
     assert project.ran() == {"prune_artifacts"}  # the T=64 artifacts are removed: nothing stale is left
-    assert project.restored() == {"bundle_coreml:student"}  # the earlier bundle comes back from the cache
+    # the earlier bundle and its verdict come back from the cache
+    assert project.restored() == {"bundle_coreml:student", "verify_coreml:student"}
     assert not list((project.root / "artifacts" / "student").rglob("*_T64*"))
 
 
@@ -81,13 +85,15 @@ def test_touching_the_checkpoint_builds_nothing(project):
 def test_new_weights_rebuild_that_model_only(project):
     write_student_checkpoint(project.root / "checkpoints" / "student.pt", seed=1)
     project.doit()
-    assert project.ran() == steps("export_pytorch", S) | steps("convert_coreml", S) | {"bundle_coreml:student"}
+    assert project.ran() == (steps("export_pytorch", S) | steps("convert_coreml", S) | steps("verify_coreml", S)
+                             | {"bundle_coreml:student", "verify_coreml:student"})
 
 
 def test_a_coreml_option_reconverts_without_reexporting(project):
     project.set_pyproject(precision="fp32")
     project.doit()
-    assert project.ran() == steps("convert_coreml", S) | {"bundle_coreml:student"}
+    assert project.ran() == (steps("convert_coreml", S) | steps("verify_coreml", S)
+                             | {"bundle_coreml:student", "verify_coreml:student"})
 
 
 def test_export_code_change_with_equal_bytes_stops_at_the_exports(project):
@@ -129,7 +135,7 @@ def test_new_coremltools_version_reconverts_and_reexports_nothing(project, tmp_p
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: coremltools\nVersion: {metadata.version('coremltools')}.post1\n")
     env = {"PYTHONPATH": os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")])}
     project.doit(env=env)
-    assert project.ran() == steps("convert_coreml", S + J) | BUNDLES
+    assert project.ran() == steps("convert_coreml", S + J) | BUNDLES | steps("verify_coreml", S + J) | VERIFY_BUNDLES
 
 
 def test_two_builds_started_together_end_correct(built, tmp_path):
@@ -194,3 +200,36 @@ def test_a_small_memory_budget_runs_the_leaves_one_at_a_time(built, tmp_path):
         assert start >= end, "two steps held memory at once"
     assert "waiting for memory" in r.stderr
     assert p.artifact_digests() == built.artifact_digests()
+
+
+def test_every_package_is_verified_and_a_failure_stops_its_bundle(built, project):
+    """verify_coreml runs every leaf package in the reference interpreter against its ExportedProgram, and each
+    bundle function against its leaf; the verdicts reach last_build.json and the report. A leaf that fails its
+    verification fails with one line naming the output and its error, and its bundle does not run."""
+    art = project.root / "artifacts"
+    for name in S + J:  # the cold build's verdicts
+        model, mode, T = name.split(".")
+        verdict = json.loads((art / model / "coreml" / f"{mode}_{T}.verify.json").read_text())
+        assert verdict["ok"] and ("logits" in verdict["outputs"] or "score" in verdict["outputs"])
+        assert all(o["ok"] for o in verdict["outputs"].values())
+    bundle_verdict = json.loads((art / "student" / "student.verify.json").read_text())
+    assert set(bundle_verdict["functions"]) == {f"{m}_T{t}" for m in ("prefill", "decode") for t in (16, 32)}
+
+    # break the interpreter's silu (the student uses it, the judge does not): the student's leaves fail
+    code = project.root / "export" / "coreml" / "interpreter.py"
+    src = code.read_text()
+    assert "    return x / (1.0 + np.exp(-x))\n" in src
+    code.write_text(src.replace("    return x / (1.0 + np.exp(-x))\n", "    return 2 * x / (1.0 + np.exp(-x))\n", 1))
+    r = project.doit("--continue", check=False)
+    assert r.returncode != 0
+    status = project.last_build()
+    assert {n for n, s in status.items() if s == "failed"} == steps("verify_coreml", S)
+    assert status["bundle_coreml:student"] == "not-run" and status["verify_coreml:student"] == "not-run"
+    assert steps("verify_coreml", J) <= project.ran()
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if "decode_T16.mlpackage: verify:" in ln]
+    assert lines and "logits: max abs error" in lines[0] and "relative" in lines[0], r.stdout + r.stderr
+    # the judge's leaves ran again (the verify code changed) and passed: their verdicts are in the record and report
+    record = json.loads((art / "last_build.json").read_text())["tasks"]
+    assert all(record[f"verify_coreml:{n}"]["verdict"]["ok"] for n in J)
+    report = {r["task"]: r for r in json.loads((art / "report.json").read_text())["tasks"]}
+    assert report["verify_coreml:judge.prefill.T16"]["verdict"]["outputs"]["score"]["ok"]

@@ -144,6 +144,9 @@ def test_every_module_a_real_step_loads_is_in_its_key(tmp_path):
             "quality": str(tmp_path / "prefill_T16.int8.quality.json"),
             "recipe": {"name": "int8", "parts": {p: {"kind": "quantize", "dtype": "int8", "granularity": "per_channel"}
                                                  for p in ("default", "embeddings", "attention", "ffn", "lm_head")}}}),
+        ("verify_coreml", None): ("verify_coreml", {
+            "package": str(pkg), "exported": str(out / "prefill_T16.pt2"),
+            "contract": str(out / "prefill_T16.contract.json"), "out": str(tmp_path / "prefill_T16.verify.json")}),
         ("bundle_coreml", None): ("bundle_coreml", {
             "packages": [str(pkg)], "contracts": [str(out / "prefill_T16.contract.json")],
             "out": str(tmp_path / "student.mlpackage"), "contract_out": str(tmp_path / "contract.json")}),
@@ -194,7 +197,8 @@ def test_editing_the_manifest_writer_rebuilds_its_steps_and_matches_a_cold_build
                                                    'body = {"written_by": "an edited writer", "package": package.name,'))
     build()
     converts = {"convert_coreml:student.prefill.T16", "convert_coreml:student.decode.T16", "convert_coreml:judge.prefill.T16"}
-    assert p.ran() == converts | {"bundle_coreml:student", "bundle_coreml:judge"}
+    verifies = {"verify_coreml:" + c.split(":")[1] for c in converts} | {"verify_coreml:student", "verify_coreml:judge"}
+    assert p.ran() == converts | {"bundle_coreml:student", "bundle_coreml:judge"} | verifies
     manifest = p.root / "artifacts" / "student" / "coreml" / "prefill_T16.mlpackage.manifest.json"
     assert json.loads(manifest.read_text())["written_by"] == "an edited writer"
     cold = Project(tmp_path / "cold")

@@ -120,7 +120,7 @@ CONVERT_WITH_DATE = textwrap.dedent("""
             return day
     entry.date = FakeDate
     assert str(entry.date.today()) == sys.argv[4]
-    from export.convert_coreml import convert
+    from export.coreml.convert import convert
     convert(sys.argv[1], sys.argv[2], sys.argv[3], log=lambda m: None)
 """)
 

@@ -22,7 +22,7 @@ from scenario import Project
 pytest.importorskip("distributed")
 
 WORKER_MB = 600
-STEPS = ("checkpoint:", "export_pytorch:", "convert_coreml:", "bundle_coreml:")
+STEPS = ("checkpoint:", "export_pytorch:", "convert_coreml:", "bundle_coreml:", "verify_coreml:")
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from export.coreml.convert import load_program  # noqa: E402
 from export.coreml.checks import check_supported, unsupported_ops  # noqa: E402
 from export.errors import ExportError  # noqa: E402
 
+from conftest import run_module  # noqa: E402
 from test_models import rollout_logits  # noqa: E402
 
 T = 16
@@ -221,3 +222,30 @@ def test_doit_builds_a_model_folder_and_tracks_its_files(tmp_path):
     save_family(project.root / "models", "llama", seed=1)  # new weights in the folder: everything rebuilds
     project.doit()
     assert {"export_pytorch:llama.prefill.T16", "export_pytorch:llama.decode.T16"} <= project.ran()
+
+
+# Families the hf-causal-lm path cannot drive: refused before export, one error line naming model_type
+# and what does not fit (issue #20; GPT-2 and GPT-NeoX ended in torch's broadcast error, a MoE in the converter).
+REFUSED = {
+    # their attention uses every head: the config's num_key_value_heads is not what their layers keep
+    "gpt2": (transformers.GPT2Config, {}, "num_key_value_heads", "4 heads"),
+    "gpt_neox": (transformers.GPTNeoXConfig, {}, "num_key_value_heads", "4 heads"),
+    "mixtral": (transformers.MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2}, "num_local_experts",
+                "mixture of experts"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(REFUSED))
+def test_unsupported_family_is_refused_before_export(tmp_path, family):
+    config_cls, extra, field, reason = REFUSED[family]
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config_cls(**SIZES, **extra)).save_pretrained(tmp_path / family)
+    out = tmp_path / "exported"
+    r = run_module("export.export_pytorch", "--checkpoint", tmp_path / family, "--out", out, "--enumerated-T", "16",
+                   "--format", "exported_program")
+    both = r.stdout + r.stderr
+    errors = [ln for ln in both.splitlines() if ln.startswith("error:")]
+    assert r.returncode != 0 and "Traceback" not in both, both[-3000:]
+    assert len(errors) == 1, both[-3000:]
+    assert f"model_type {family!r}" in errors[0] and f"config.json: {field}:" in errors[0] and reason in errors[0], errors
+    assert not list(out.glob("*.pt2")) if out.exists() else True

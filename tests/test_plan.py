@@ -17,6 +17,7 @@ from scenario import SHAPE_SETS, Project, write_student_checkpoint
 S = [f"student.{m}.T{t}" for m in ("prefill", "decode") for t in (16, 32)]
 J = [f"judge.prefill.T{t}" for t in (16, 32)]
 BUNDLES = {"bundle_coreml:student", "bundle_coreml:judge"}
+VERIFY_BUNDLES = {"verify_coreml:student", "verify_coreml:judge"}
 
 # What the build may record for each verdict: a plan that says "build" and then restores is wrong.
 AGREES = {
@@ -73,7 +74,8 @@ def test_cold_build_plan_then_no_op(built):
     p, cold = built
     assert verdicts(cold, "build") == {"checkpoint:judge"} | steps("export_pytorch", S)  # inputs on disk, cache empty
     # the rest waits on bytes not made yet: "will run (after ...)"
-    assert verdicts(cold, "run") == steps("export_pytorch", J) | steps("convert_coreml", S + J) | BUNDLES
+    assert verdicts(cold, "run") == (steps("export_pytorch", J) | steps("convert_coreml", S + J) | BUNDLES
+                                     | steps("verify_coreml", S + J) | VERIFY_BUNDLES)
     assert cold["export_pytorch:judge.prefill.T16"]["after"] == ["checkpoint:judge"]
     assert "never built here" in reasons(cold, "export_pytorch:student.prefill.T16")
     again = plan(p)
@@ -92,13 +94,15 @@ def test_adding_then_removing_a_T(project):
     added = plan_then_build(project)
     new = [f"student.{m}.T64" for m in ("prefill", "decode")]
     assert verdicts(added, "build") == steps("export_pytorch", new)
-    assert verdicts(added, "run") == steps("convert_coreml", new) | {"bundle_coreml:student"}
+    assert verdicts(added, "run") == (steps("convert_coreml", new) | {"bundle_coreml:student"} | steps("verify_coreml", new)
+                                      | {"verify_coreml:student"})
     said = reasons(added, "bundle_coreml:student")
     assert ('config config.functions: ["prefill_T16", "prefill_T32", "decode_T16", "decode_T32"] -> '
             '["prefill_T16", "prefill_T32", "prefill_T64", "decode_T16", "decode_T32", "decode_T64"]') in said
     project.set_shape_sets(SHAPE_SETS)
     removed = plan_then_build(project)
-    assert verdicts(removed, "restore") == {"bundle_coreml:student"}  # the cache holds the earlier bundle
+    # the cache holds the earlier bundle and its verdict
+    assert verdicts(removed, "restore") == {"bundle_coreml:student", "verify_coreml:student"}
     assert "config config.functions" in reasons(removed, "bundle_coreml:student")
     assert "the cache holds action" in reasons(removed, "bundle_coreml:student")
 
@@ -115,18 +119,20 @@ def test_new_weights_name_the_checkpoint_and_early_cutoff_is_may_run(project):
     write_student_checkpoint(project.root / "checkpoints" / "student.pt", seed=1)
     planned = plan_then_build(project)
     assert verdicts(planned, "build") == steps("export_pytorch", S)
-    assert verdicts(planned, "may-run") == steps("convert_coreml", S) | {"bundle_coreml:student"}
+    assert verdicts(planned, "may-run") == (steps("convert_coreml", S) | {"bundle_coreml:student"}
+                                            | steps("verify_coreml", S) | {"verify_coreml:student"})
     text = reasons(planned, "export_pytorch:student.decode.T32")
     assert "input checkpoints/student.pt: " in text and " -> " in text
     assert planned["convert_coreml:student.decode.T32"]["after"] == ["export_pytorch:student.decode.T32"]
-    assert project.ran() == steps("export_pytorch", S) | steps("convert_coreml", S) | {"bundle_coreml:student"}
+    assert project.ran() == (steps("export_pytorch", S) | steps("convert_coreml", S) | {"bundle_coreml:student"}
+                             | steps("verify_coreml", S) | {"verify_coreml:student"})
 
 
 def test_a_coreml_option_names_the_field(project):
     project.set_pyproject(precision="fp32")
     planned = plan_then_build(project)
     assert verdicts(planned, "build") == steps("convert_coreml", S)
-    assert verdicts(planned, "may-run") == {"bundle_coreml:student"}
+    assert verdicts(planned, "may-run") == {"bundle_coreml:student", "verify_coreml:student"} | steps("verify_coreml", S)
     assert 'config config.options.compute_precision: "fp16" -> "fp32"' in reasons(planned, "convert_coreml:student.prefill.T16")
 
 
@@ -135,7 +141,8 @@ def test_export_code_change_names_the_file_and_early_cutoff_holds(project):
     code.write_text(code.read_text() + "\n# a comment changes the code digest, not the exported bytes\n")
     planned = plan_then_build(project)
     assert verdicts(planned, "build") == steps("export_pytorch", S + J)
-    assert verdicts(planned, "may-run") == steps("convert_coreml", S + J) | BUNDLES
+    assert verdicts(planned, "may-run") == (steps("convert_coreml", S + J) | BUNDLES | steps("verify_coreml", S + J)
+                                            | VERIFY_BUNDLES)
     assert "code of step export_pytorch changed: export/export_pytorch.py" in reasons(planned, "export_pytorch:judge.prefill.T16")
     assert project.ran() == steps("export_pytorch", S + J)  # and the may-runs stayed up to date
 
@@ -189,7 +196,8 @@ def test_new_coremltools_version_names_the_tool(project, tmp_path):
     env = {"PYTHONPATH": os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")])}
     planned = plan_then_build(project, env=env)
     assert verdicts(planned, "build") == steps("convert_coreml", S + J)
-    assert verdicts(planned, "run") == BUNDLES  # their own key changed too, and their inputs come later
+    # their own key changed too, and their inputs come later
+    assert verdicts(planned, "run") == BUNDLES | steps("verify_coreml", S + J) | VERIFY_BUNDLES
     assert f"tool version coremltools: {v} -> {v}.post1" in reasons(planned, "bundle_coreml:judge")
 
 
@@ -211,7 +219,7 @@ def test_plan_writes_nothing_and_takes_no_lock(project):
     with FileLock(str(project.root / ".export" / "lock")):  # a build holds the lock: plan does not wait
         r = project.doit("plan", env={"MODEL_EXPORT_LOCK_WAIT": "0"})
         w = project.doit("why", "convert_coreml:student.prefill.T16", env={"MODEL_EXPORT_LOCK_WAIT": "0"})
-    assert r.stdout.strip().splitlines()[-1] == "plan: 11 up-to-date, 4 build, 1 may-run"
+    assert r.stdout.strip().splitlines()[-1] == "plan: 14 up-to-date, 4 build, 6 may-run"
     assert state() == before
     assert "convert_coreml:student.prefill.T16: will build (not in the cache)" in w.stdout
     assert "output artifacts/student/coreml/prefill_T16.mlpackage is missing" in w.stdout

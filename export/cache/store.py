@@ -44,11 +44,14 @@ import xxhash
 from .. import settings
 from ..atomic import remove, replace
 from ..digest import CHUNK, file_digest, tree_digest_of
+from ..digest import bytes_digest as bytes_digest_of
 from ..layout import LAST_BUILD, read_last_build
 from ..errors import ExportError, cli_errors
 
 SCHEMA = 1
 GRACE_SECONDS = 3600.0  # gc never deletes a blob or temporary file younger than this
+STORE_CONNECT_TIMEOUT = 2  # seconds to reach an S3 store before it counts as unreachable for the build
+STORE_RETRIES = 2  # s3fs's attempts of one request (botocore's own retries are off): a dead store costs a few s, once
 _HEX = re.compile(r"[0-9a-f]{32}\Z")
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}\Z")
 
@@ -63,6 +66,11 @@ class _Bad(Exception):
 
 class _Refused(Exception):
     """The checkout cannot receive the outputs safely (a symlink on the way): a miss, the entry is kept."""
+
+
+class _Other(Exception):
+    """The entry is sound but names other outputs than asked for: a miss, the entry is kept (an entry is
+    deleted only when its own bytes are bad)."""
 
 
 def _relpath(rel: str) -> str:
@@ -110,7 +118,17 @@ class _Remote:
         import fsspec
 
         self.url = url
-        self.fs, self.base = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        options = dict(storage_options or {})
+        if url.split("://", 1)[0] in ("s3", "s3a"):
+            # an unreachable store costs a few seconds, once (Cache stops using it after the first failure);
+            # botocore's defaults (60 s connect timeout, retries with backoff) made a build wait ~10 s
+            config = {"connect_timeout": STORE_CONNECT_TIMEOUT, "retries": {"max_attempts": 1, "mode": "standard"},
+                      **options.get("config_kwargs", {})}
+            options["config_kwargs"] = config
+            options.setdefault("skip_instance_cache", True)  # s3fs would hand back an instance made for another endpoint
+        self.fs, self.base = fsspec.core.url_to_fs(url, **options)
+        if "config_kwargs" in options and hasattr(self.fs, "retries"):
+            self.fs.retries = STORE_RETRIES  # s3fs's own retries (5, with backoff) on top of botocore's
         self.base = self.base.rstrip("/")
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.create_only = bool({"s3", "s3a"} & set(protocols))
@@ -131,16 +149,19 @@ class _Remote:
         except FileNotFoundError:
             raise _Bad(f"remote blob {digest} is missing") from None
 
-    def upload(self, src: Path, kind: str, name: str, *, skip_existing: bool) -> None:
-        """Publish ``src`` as kind/name atomically; an existing one is left alone."""
+    def upload(self, src: Path, kind: str, name: str, *, skip_existing: bool, replace: bool = False) -> None:
+        """Publish ``src`` as kind/name atomically; an existing one is left alone, unless ``replace`` (a blob
+        found corrupt: its good bytes go over it, still atomically: a whole-object put on S3, a rename elsewhere)."""
         dst = self.path(kind, name)
-        if skip_existing and self.fs.exists(dst):
+        if skip_existing and not replace and self.fs.exists(dst):
             return
         if self.create_only:
             try:
-                self.fs.put_file(str(src), dst, mode="create")
-            except FileExistsError:
-                pass  # another machine published it first: same content (blob) or an equivalent entry
+                self.fs.put_file(str(src), dst, **({} if replace else {"mode": "create"}))
+            except Exception as e:
+                if not _already_there(e):
+                    raise
+                # another machine published it first: same content (blob) or an equivalent entry
             return
         tmp = f"{self.base}/tmp/{uuid.uuid4().hex}"
         self.fs.makedirs(f"{self.base}/tmp", exist_ok=True)
@@ -183,9 +204,22 @@ class Cache:
         self.link = link
         self.storage_options = storage_options
         self.hits = self.misses = self.corrupt = self.published = 0
+        self.uploaded = 0  # entries this process put in the shared store (pending ones included)
         self._remote: _Remote | None = None
         self._disabled: str | None = None  # why the local cache is unusable, once known
-        self._remote_disabled = False
+        self._remote_disabled = False  # unreachable: not tried again by this process
+        self._bad_remote_blobs: set[str] = set()  # found corrupt or missing in the store: uploaded over it
+
+    def _remote_failed(self, e: BaseException, message: str, tail: str = "") -> None:
+        """A remote operation failed: an unreachable store is given up for the rest of the build, said once."""
+        if _unreachable(e):
+            if not self._remote_disabled:
+                self._remote_disabled = True
+                self.log(f"warning: remote cache unavailable: {self.remote_url}: {_why(e)}; not tried again in this "
+                         "build (the local cache serves; entries built meanwhile are uploaded at the next build "
+                         "that reaches it)")
+            return
+        self.log(f"{message}: {_why(e)}{tail}")
 
     @classmethod
     def from_settings(cls, *, local: str | Path | None, remote: str | None, read_only: bool = False,
@@ -279,22 +313,33 @@ class Cache:
 
     # --- get -------------------------------------------------------------------
 
-    def get(self, key: str, root: Path, outputs: list[str]) -> dict[str, str] | None:
-        """Restore the outputs of action ``key`` under ``root``: {relpath: digest}, or None on a miss."""
+    def get(self, key: str, root: Path, outputs: list[str], where: dict[str, str] | None = None
+            ) -> dict[str, str] | None:
+        """Restore the outputs of action ``key`` under ``root``: {relpath: digest}, or None on a miss.
+
+        ``outputs`` name the outputs as the entry does (their roles); ``where`` maps a name to the path
+        under ``root`` it goes to in this checkout (default: the name itself)."""
         _check_args(key, outputs)
+        where = where or {}
+        for rel in where.values():
+            _check_args(key, [rel])
         if not self._usable():
             self.misses += 1
             return None
         root = Path(root)
         with self._locked():
-            data, where = self._read_local(key), "local"
+            data = self._read_local(key)
             if data is None:
-                data, where = self._pull(key, outputs), "remote"
+                data = self._pull(key, outputs)
             if data is None:
                 self.misses += 1
                 return None
             try:
-                result = self._restore(root, _parse(data, key, outputs))
+                result = self._restore(root, _parse(data, key, outputs), where)
+            except _Other as e:
+                self.log(f"warning: cache entry {key} not used (kept): {e}")
+                self.misses += 1
+                return None
             except _Bad as e:
                 self._drop(key, e.blob)
                 self.log(f"warning: cache entry {key} dropped: {e}")
@@ -324,13 +369,13 @@ class Cache:
             try:
                 data = remote.read_manifest(key) if remote is not None else None
             except Exception as e:
-                self.log(f"warning: remote cache unavailable: {_why(e)}")
+                self._remote_failed(e, "warning: remote cache unavailable")
                 data = None
         if data is None:
             return None
         try:
             m = _parse(data, key, outputs)
-        except _Bad:
+        except (_Bad, _Other):
             return None
         return {rel: o["digest"] if o["type"] == "file" else tree_digest_of({k: f["digest"] for k, f in o["files"].items()})
                 for rel, o in m["outputs"].items()}
@@ -349,7 +394,7 @@ class Cache:
         if data is not None:
             try:
                 m = _parse(data, key, outputs)
-            except _Bad:
+            except (_Bad, _Other):
                 return None
             for digest, size in _blobs(m).items():
                 try:
@@ -363,10 +408,10 @@ class Cache:
             try:
                 data = remote.read_manifest(key) if remote is not None else None
                 m = _parse(data, key, outputs) if data is not None else None
-            except _Bad:
+            except (_Bad, _Other):
                 return None
             except Exception as e:
-                self.log(f"warning: remote cache unavailable: {_why(e)}")
+                self._remote_failed(e, "warning: remote cache unavailable")
                 return None
             if m is None:
                 return None
@@ -394,14 +439,22 @@ class Cache:
             data = remote.read_manifest(key)
             if data is None:
                 return None
-            manifest = _parse(data, key, outputs)
+            try:
+                manifest = _parse(data, key, outputs)
+            except _Other:
+                return None  # sound, but of other outputs: kept, and a miss
             for digest, size in _blobs(manifest).items():
                 if self._blob(digest).is_file():
                     continue
                 tmp = self._tmp()
                 try:
-                    got, got_size = remote.download(digest, tmp)
+                    try:
+                        got, got_size = remote.download(digest, tmp)
+                    except _Bad:
+                        self._bad_remote_blobs.add(digest)
+                        raise
                     if (got, got_size) != (digest, size):
+                        self._bad_remote_blobs.add(digest)  # the next put of these bytes replaces it
                         raise _Bad(f"remote blob {digest} does not match its digest")
                     self._install(tmp, self._blob(digest), 0o444)
                 finally:
@@ -420,17 +473,18 @@ class Cache:
                     pass
             return None
         except Exception as e:  # an unreachable store is a miss, never a failed build
-            self.log(f"warning: remote cache unavailable: {_why(e)}")
+            self._remote_failed(e, "warning: remote cache unavailable")
             self._remote_disabled = True
             return None
 
-    def _restore(self, root: Path, manifest: dict) -> dict[str, str]:
+    def _restore(self, root: Path, manifest: dict, where: dict[str, str]) -> dict[str, str]:
         """Stage every output beside its target, verify every digest, then rename all into place."""
         staged: list[tuple[Path, Path]] = []
         result = {}
         root.mkdir(parents=True, exist_ok=True)
         try:
-            for rel, out in manifest["outputs"].items():
+            for name, out in manifest["outputs"].items():
+                rel = where.get(name, name)
                 target = _safe_target(root, rel)
                 tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.restore"
                 if out["type"] == "file":
@@ -481,7 +535,7 @@ class Cache:
 
     # --- put -------------------------------------------------------------------
 
-    def put(self, key: str, root: Path, outputs: list[str], producer: dict) -> None:
+    def put(self, key: str, root: Path, outputs: list[str], producer: dict, where: dict[str, str] | None = None) -> None:
         """Publish the outputs of action ``key`` (blobs first, the manifest last); never fails the build.
 
         ``producer``: task, seconds, host (filled in), and ``toolchain`` (versions) if known.
@@ -495,7 +549,7 @@ class Cache:
         producer.setdefault("host", socket.gethostname())
         try:
             with self._locked():
-                entry = {rel: self._publish_output(root, rel) for rel in outputs}
+                entry = {rel: self._publish_output(root, (where or {}).get(rel, rel)) for rel in outputs}
                 manifest = {"schema": SCHEMA, "key": key, "outputs": entry, "producer": producer,
                             "toolchain": toolchain, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
                 tmp = self._tmp()
@@ -535,17 +589,70 @@ class Cache:
                 files[p.relative_to(path).as_posix()] = {"digest": digest, "size": size}
         return {"type": "dir", "files": dict(sorted(files.items()))}
 
-    def _push(self, key: str, manifest: dict) -> None:
-        """Write-through: the blobs, then the manifest, each atomic; failures only warn."""
+    def _push(self, key: str, manifest: dict) -> bool:
+        """Write-through: the blobs, then the manifest, each atomic; failures only warn. An entry that could
+        not be uploaded is marked pending (``pending/``): the next build that reaches the store uploads it."""
         remote = self._remote_store()
         if remote is None:
-            return
+            self._mark_pending(key)
+            return False
         try:
             for digest in _blobs(manifest):
-                remote.upload(self._blob(digest), "cas", digest, skip_existing=True)
+                replace = digest in self._bad_remote_blobs
+                remote.upload(self._blob(digest), "cas", digest, skip_existing=True, replace=replace)
+                if replace:
+                    self._bad_remote_blobs.discard(digest)
+                    self.log(f"remote cache: blob {digest} replaced by its good bytes")
             remote.upload(self._manifest(key), "ac", key, skip_existing=False)
         except Exception as e:
-            self.log(f"warning: remote cache not writable: {_why(e)}; published locally only")
+            self._remote_failed(e, "warning: remote cache not writable",
+                                "; published locally only (uploaded at the next build that can write there)")
+            self._mark_pending(key)
+            return False
+        self.uploaded += 1
+        return True
+
+    def _pending_dir(self) -> Path:
+        return self.root / "pending" / bytes_digest_of((self.remote_url or "").encode())
+
+    def _mark_pending(self, key: str) -> None:
+        try:
+            d = self._pending_dir()
+            d.mkdir(parents=True, exist_ok=True)
+            (d / key).touch()
+        except OSError:
+            pass
+
+    def pending(self) -> list[str]:
+        """Keys of entries published locally only while the shared store was out of reach."""
+        if not self.remote_url or self.read_only:
+            return []
+        try:
+            return sorted(os.listdir(self._pending_dir()))
+        except OSError:
+            return []
+
+    def upload_pending(self) -> int:
+        """Upload the entries marked pending, if the store is reachable now; returns how many went up."""
+        done = 0
+        for key in self.pending():
+            if self._remote_store() is None:
+                break
+            marker = self._pending_dir() / key
+            data = self._read_local(key) if _KEY.match(key) else None
+            try:
+                manifest = _parse(data, key, None) if data is not None else None
+            except _Bad:
+                manifest = None
+            if manifest is None:
+                marker.unlink(missing_ok=True)  # gone from the local cache since: nothing to upload
+                continue
+            with self._locked():
+                ok = self._push(key, manifest)
+            if ok:
+                marker.unlink(missing_ok=True)
+                done += 1
+        return done
 
     def remote_has(self, key: str) -> bool:
         """Whether the remote store holds entry ``key`` (False without a reachable remote)."""
@@ -555,7 +662,7 @@ class Cache:
         try:
             return remote.read_manifest(key) is not None
         except Exception as e:
-            self.log(f"warning: remote cache unavailable: {_why(e)}")
+            self._remote_failed(e, "warning: remote cache unavailable")
             return False
 
     def _remote_store(self) -> _Remote | None:
@@ -583,6 +690,8 @@ class Cache:
                 out["remote"] = remote.stats()
             except Exception as e:
                 out["remote"] = {"error": _why(e)}
+        if self.pending():
+            out["pending"] = len(self.pending())
         return out
 
     def gc(self, *, keep_keys: set[str], max_bytes: int | None, grace: float = GRACE_SECONDS) -> dict:
@@ -651,17 +760,22 @@ class Finished:
     key: str | None               # the entry the outputs were published under; None: not published
     cached: dict | None = None    # nightly: the cached digests of the same action key, if any
     reproducible: bool | None = None  # nightly: the rebuilt digests equal the cached ones (None: nothing cached)
+    uploaded: int = 0             # entries that went to the shared store
 
 
 def finish_step(cache: "Cache", key: str, root: Path, outputs: list[str], meta: dict, *, nightly: bool,
-                digest=None, keep_rebuilt: bool = False) -> Finished:
+                digest=None, keep_rebuilt: bool = False, roles: list[str] | None = None) -> Finished:
     """After a step ran, in the planner (export/planner/tasks.py) or on a Dask worker
     (export/runner/cluster.py) alike: check it wrote every output, digest them, compare them with the
     cache in a nightly, and publish them under ``key``.
 
     Bytes that contradict the cache are never published under its key: with ``keep_rebuilt`` (a
-    Dask worker handing them to the planner) they go under ``<key>.rebuilt``, else nowhere."""
+    Dask worker handing them to the planner) they go under ``<key>.rebuilt``, else nowhere.
+    ``roles``: the names the entry gives the outputs (export/planner/tasks.py, ``role``), default the paths."""
     from ..digest import path_digest
+
+    roles = list(roles or outputs)
+    where = dict(zip(roles, outputs))
 
     digest = digest or path_digest
     missing = [rel for rel in outputs if not (root / rel).exists()]
@@ -670,12 +784,15 @@ def finish_step(cache: "Cache", key: str, root: Path, outputs: list[str], meta: 
     digests = {rel: digest(root / rel) for rel in outputs}
     done = Finished(digests, key)
     if nightly:
-        done.cached = cache.peek(key, outputs)
+        cached = cache.peek(key, roles)
+        done.cached = None if cached is None else {where[r]: d for r, d in cached.items()}
         done.reproducible = None if done.cached is None else done.cached == digests
         if done.reproducible is False:
             done.key = f"{key}.rebuilt" if keep_rebuilt else None
     if done.key is not None:
-        cache.put(done.key, root, outputs, meta)
+        before = cache.uploaded
+        cache.put(done.key, root, roles, meta, where)
+        done.uploaded = cache.uploaded - before
     return done
 
 
@@ -696,8 +813,11 @@ def _parse(data: bytes, key: str, outputs: list[str] | None) -> dict:
         if not isinstance(m, dict) or m.get("schema") != SCHEMA or m.get("key") != key:
             raise _Bad("manifest of another schema or key")
         outs = m["outputs"]
-        if outputs is not None and (not isinstance(outs, dict) or sorted(outs) != sorted(outputs)):
-            raise _Bad(f"manifest names outputs {sorted(outs)}, the task declares {sorted(outputs)}")
+        if not isinstance(outs, dict):
+            raise _Bad("manifest outputs are not a table")
+        if outputs is not None and sorted(outs) != sorted(outputs):
+            _parse(data, key, None)  # an entry that is bad in itself is still dropped
+            raise _Other(f"the entry names outputs {sorted(outs)}, the task declares {sorted(outputs)}")
         for rel, out in outs.items():
             _relpath(rel)
             files = {rel: out} if out["type"] == "file" else out["files"] if out["type"] == "dir" else None
@@ -708,7 +828,7 @@ def _parse(data: bytes, key: str, outputs: list[str] | None) -> dict:
                 if not (isinstance(f["digest"], str) and _HEX.match(f["digest"]) and type(f["size"]) is int):
                     raise _Bad(f"output {inner!r}: no valid digest and size")
         return m
-    except _Bad:
+    except (_Bad, _Other):
         raise
     except (ValueError, KeyError, TypeError) as e:
         raise _Bad(f"invalid manifest ({e})") from None
@@ -752,6 +872,41 @@ def _files(top: Path):
                 continue
             if stat.S_ISREG(st.st_mode):
                 yield p, st
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _already_there(e: BaseException) -> bool:
+    """A create-only write refused because the object exists: FileExistsError (moto's answer, through s3fs),
+    or any 412 Precondition Failed, whatever its body says (SeaweedFS sends no <Condition>, and s3fs then
+    raises a plain OSError)."""
+    for x in _chain(e):
+        if isinstance(x, FileExistsError):
+            return True
+        response = getattr(x, "response", None)
+        if isinstance(response, dict):
+            meta, err = response.get("ResponseMetadata") or {}, response.get("Error") or {}
+            if meta.get("HTTPStatusCode") == 412 or err.get("Code") in ("PreconditionFailed", "412"):
+                return True
+    return False
+
+
+def _unreachable(e: BaseException) -> bool:
+    """The store cannot be reached at all (refused, timed out, no such host), as opposed to one refused request."""
+    for x in _chain(e):
+        if isinstance(x, (ConnectionError, TimeoutError, socket.gaierror)):
+            return True
+        name = type(x).__name__
+        if any(w in name for w in ("EndpointConnectionError", "ConnectTimeout", "ConnectionClosed", "ClientConnector",
+                                   "ServerTimeout", "ReadTimeout", "ServerDisconnected")):
+            return True
+    return False
 
 
 def _why(e: BaseException) -> str:

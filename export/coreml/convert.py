@@ -116,6 +116,28 @@ def _check_options(c: dict, options: CoreMLOptions, contract_path: Path) -> None
         raise ExportError("a stateful KV cache needs fp16 state: use compute_precision fp16", file=contract_path, field="compute_precision")
 
 
+ROTARY_OPS = ("sin", "cos")
+_ROTARY_DEPTH = 8  # ops between a position input and its sin/cos (cast, expand_dims, mul, concat, ...)
+
+
+def fp16_op(op) -> bool:
+    """compute_precision="fp16" casts every op to fp16 except the rotary angles and their sin/cos, which stay fp32.
+
+    In fp16 an angle ``position * frequency`` near 511 is rounded to 0.25 rad and positions above 2048 collide:
+    the K of a T=512 prefill came out 10% of its scale away from the program's (measured by the numerical
+    verification, bench/bench_verify.py). The angles are the ancestors of a sin/cos op (a few ops on the
+    position input); their results are cast to fp16 where fp16 ops use them."""
+    return not _feeds_rotary(op, _ROTARY_DEPTH)
+
+
+def _feeds_rotary(op, depth: int) -> bool:
+    if op.op_type in ROTARY_OPS:
+        return True
+    if depth == 0:
+        return False
+    return any(_feeds_rotary(child, depth - 1) for v in op.outputs for child in v.child_ops)
+
+
 def _ct_convert(program, c: dict, options: CoreMLOptions):
     import coremltools as ct
 
@@ -128,7 +150,8 @@ def _ct_convert(program, c: dict, options: CoreMLOptions):
         inputs=[tensor(t) for t in c["inputs"]],
         outputs=[ct.TensorType(name=t["name"], dtype=NP_DTYPES[t["dtype"]]) for t in c["outputs"]],
         minimum_deployment_target=getattr(ct.target, options.minimum_deployment_target),
-        compute_precision={"fp16": ct.precision.FLOAT16, "fp32": ct.precision.FLOAT32}[options.compute_precision],
+        compute_precision=(ct.transform.FP16ComputePrecision(op_selector=fp16_op)
+                           if options.compute_precision == "fp16" else ct.precision.FLOAT32),
         compute_units=getattr(ct.ComputeUnit, options.compute_units.upper()),
         convert_to="mlprogram", skip_model_load=True,
     )

@@ -35,6 +35,8 @@ from .spec import Architecture
 MODES = ARCHITECTURE_MODES["hf-causal-lm"]
 FILES = ("config.json", "model.safetensors")  # what a model folder must hold (see export.checkpoint_files)
 ATTENTION = "eager"
+# config fields that give a mixture-of-experts model its number of experts (Mixtral, Qwen2-MoE, DeepSeek, ...)
+MOE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 def _transformers():
@@ -68,10 +70,46 @@ def check_config(config, *, file=None) -> None:
     for need in ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size"):
         if not isinstance(getattr(config, need, None), int):
             raise ExportError(f"the config has no integer {need}", file=file, field=need)
+    experts = {k: getattr(config, k, None) for k in MOE_FIELDS}
+    experts = {k: v for k, v in experts.items() if isinstance(v, int) and not isinstance(v, bool) and v > 1}
+    if experts:
+        k, v = next(iter(experts.items()))
+        raise ExportError(f"model_type {config.model_type!r} is a mixture of experts ({k}={v}): its per-token routing "
+                          "(aten::histc, grouped matmuls of the chosen experts) has no Core ML conversion", file=file,
+                          field=k)
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
     other = sorted(kinds - {"full_attention", "sliding_attention"})
     if other:
         raise ExportError(f"layers of type {other} keep no K/V cache the stacked contract can hold", file=file, field="layer_types")
+
+
+def check_fits(model: "HFCausalLM", *, file=None) -> None:
+    """Before any export: run the model once, eagerly, on two tokens with our mask and cache, and refuse it,
+    naming its model_type and what does not fit, if its attention layers do not drive our cache as its
+    config says (e.g. GPT-2 and GPT-NeoX attend with every head: a config's num_key_value_heads is not theirs)."""
+    config, d = model.lm.config, model.dims
+    kind = f"model_type {config.model_type!r}"
+    ids = torch.zeros(1, 2, dtype=torch.int32)
+    pos = torch.arange(2, dtype=torch.int32)[None]
+    cache = _StackedKV()
+    try:
+        with torch.no_grad():
+            model.lm(input_ids=ids, attention_mask=prefill_mask(pos, model._dtype()), position_ids=pos, cache=cache,
+                     use_cache=False, return_dict=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ExportError(f"{kind}: its layers do not run with the finite 4D mask and stacked K/V cache of "
+                          f"hf-causal-lm ({type(e).__name__}: {first})", file=file, field="model_type") from None
+    if len(cache.keys) != d.n_layers:
+        raise ExportError(f"{kind}: {len(cache.keys)} of its {d.n_layers} layers updated the K/V cache: its attention "
+                          "does not fit the stacked K/V contract", file=file, field="model_type")
+    want = (1, d.n_kv_heads, 2, d.head_dim)
+    for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
+        if tuple(k.shape) != want or tuple(v.shape) != want:
+            got = tuple(k.shape)
+            raise ExportError(f"{kind}: its attention keeps K/V of {got[1]} heads x {got[-1]} (layer {i}), not the "
+                              f"{d.n_kv_heads} x {d.head_dim} its config declares (num_key_value_heads, head_dim): "
+                              "the stacked K/V contract cannot describe it", file=file, field="num_key_value_heads")
 
 
 def dims(config) -> LMDims:
@@ -157,7 +195,9 @@ def load_model(folder: Path) -> HFCausalLM:
     lm = tf.AutoModelForCausalLM.from_pretrained(
         str(folder), local_files_only=True, trust_remote_code=False, use_safetensors=True,
         attn_implementation=ATTENTION, dtype=torch.float32)
-    return HFCausalLM(lm).float().eval()
+    model = HFCausalLM(lm).float().eval()
+    check_fits(model, file=Path(folder) / "config.json")
+    return model
 
 
 def io(config, mode: str, T: int, dtype: str = "float32", kv_cache: str = "explicit"):

@@ -44,6 +44,10 @@ class RunCmd(Run):
         num_process, par_type = self._on_cluster(dask, num_process, par_type)
         if num_process is None:
             return 2
+        from .reporter import BuildReporter
+
+        BuildReporter.verbosity = 1 if verbosity is None else verbosity  # -v 2: every up-to-date task too
+        BuildReporter.lanes = max(1, num_process or 1)
         return super()._execute(outfile, verbosity=verbosity, always=always, continue_=continue_, reporter=reporter,
                                 num_process=num_process, par_type=par_type, single=single,
                                 auto_delayed_regex=auto_delayed_regex, force_verbosity=force_verbosity,
@@ -57,14 +61,14 @@ class RunCmd(Run):
         from .tasks import S
 
         if dask is not None:
-            settings.set_dask_scheduler(dask)
+            settings.set_dask_scheduler(dask, from_flag=True)
         address = settings.dask_scheduler(S.config.dask.scheduler)
         if not address:
             return num_process, par_type
         why = reachable(address)
         if why:
-            print(f"error: {S.config.root / 'pyproject.toml'}: tool.export.dask.scheduler: cannot reach the Dask "
-                  f"scheduler at {address}: {why}", file=sys.stderr)
+            where, field = settings.dask_scheduler_origin(S.config.root / "pyproject.toml")
+            print(f"error: {where}: {field}: cannot reach the Dask scheduler at {address}: {why}", file=sys.stderr)
             return None, par_type
         settings.set_dask_scheduler(address)  # the lanes read it
         lanes = num_process or S.config.dask.lanes or DASK_LANES
@@ -197,15 +201,17 @@ class Plan(_Planning):
     )
 
     def _execute(self, pos_args=None, as_json=False, changed=False):
-        from .plan import VERDICTS, render
+        from .plan import VERDICTS, estimate, render
+        from .tasks import S, STATE_DIR
 
         verdicts = self.plan(pos_args or self.sel_tasks)
+        estimated = estimate(verdicts, {t.name: t for t in self.task_list}, S.config.root / STATE_DIR)
         if as_json:
             counts = {k: sum(1 for v in verdicts if v.verdict == k) for k in VERDICTS}
             shown = [v.to_json() for v in verdicts if not (changed and v.verdict == "up-to-date")]
-            self.outstream.write(json.dumps({"tasks": shown, "counts": counts}, indent=2) + "\n")
+            self.outstream.write(json.dumps({"tasks": shown, "counts": counts, "estimate": estimated}, indent=2) + "\n")
         else:
-            self.outstream.write(render(verdicts, only_changes=changed))
+            self.outstream.write(render(verdicts, only_changes=changed, estimated=estimated))
         return 0
 
 
@@ -287,21 +293,31 @@ class Graph(_Planning):
 
 class Report(_Planning):
     name = "report"
-    doc_purpose = "write <artifacts>/report.json and report.html from the last build (every build writes them too)"
-    doc_usage = ""
+    doc_purpose = ("write <artifacts>/report.json, report.html and trace.json from the latest build that did something "
+                   "(every such build writes them too)")
+    doc_usage = "[--svg FILE]"
     doc_description = None
-    cmd_options = ()
+    cmd_options = ({"name": "svg", "long": "svg", "type": str, "default": "",
+                    "help": "also write the build's timeline alone, as an SVG picture, to FILE"},)
 
-    def _execute(self):
-        from . import report
-        from .tasks import S
+    def _execute(self, svg=""):
+        from . import history, report, timeline
+        from .tasks import S, STATE_DIR
 
         self.dep_manager.close()
-        try:
-            record = read_last_build(S.config.artifacts)
-        except ExportError as e:
-            print(f"error: no build record to report on ({e}); run doit first", file=sys.stderr)
-            return 2
-        j, h = report.write(S.config.artifacts, report.build_report(S.config.artifacts, record))
-        self.outstream.write(f"report: {j}, {h}\n")
+        state = S.config.root / STATE_DIR
+        record = history.latest(state)
+        if record is None:  # a build from before the history: its last record
+            try:
+                record = read_last_build(S.config.artifacts)
+            except ExportError as e:
+                print(f"error: no build record to report on ({e}); run doit first", file=sys.stderr)
+                return 2
+        tr = timeline.trace(record)
+        atomic.write_text(S.config.artifacts / "trace.json", timeline.to_json(tr))
+        j, h = report.write(S.config.artifacts, report.build_report(S.config.artifacts, record, state=state))
+        self.outstream.write(f"report: {j}, {h}, {S.config.artifacts / 'trace.json'}\n")
+        if svg:
+            atomic.write_text(Path(svg), timeline.to_svg(tr, title=f"doit build {record.get('started', '')}".strip()))
+            self.outstream.write(f"timeline: {svg}\n")
         return 0

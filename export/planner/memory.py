@@ -78,16 +78,24 @@ class Ledger:
 
     @contextmanager
     def reserve(self, name: str, need_mb: int):
-        """Hold ``need_mb`` of the budget while the block runs; wait (saying so once) until it fits."""
+        """Hold ``need_mb`` of the budget while the block runs; wait (saying so once) until it fits.
+
+        Yields a dict that says when (wall clock, time.time()) the wait began and ended (``waited``,
+        None when it fitted at once) and when the memory was held (``held``: [acquired, released],
+        released filled in on exit): the build's timeline (export/timeline.py) draws both."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         said = False
+        began = time.time()
         while not self.try_reserve(name, need_mb):
             if not said:
                 print(f"{name}: waiting for memory ({need_mb} MB needed, budget {self.budget_mb} MB, "
                       f"held by {', '.join(self.holders())})", file=sys.stderr, flush=True)
                 said = True
             time.sleep(POLL_SECONDS)
+        acquired = time.time()
+        times = {"waited": [began, acquired] if said else None, "held": [acquired, None], "budget_mb": self.budget_mb}
         try:
-            yield
+            yield times
         finally:
             self.release(name)
+            times["held"][1] = time.time()

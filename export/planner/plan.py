@@ -31,7 +31,7 @@ from doit.dependency import SqliteDB
 from doit.tools import config_changed
 
 from . import tasks as T
-from ..digest import StatCache
+from ..digest import ReadOnlyStatCache, StatCache  # noqa: F401  (ReadOnlyStatCache: commands take it from here)
 
 VERDICTS = ("up-to-date", "restore", "build", "run", "may-run", "error")
 WILL_RUN = {"restore", "build", "run"}
@@ -45,6 +45,8 @@ class Verdict:
     after: list[str] = field(default_factory=list)    # upstream tasks that decide (run / may-run)
     action_key: str | None = None                     # when all inputs are known
     outputs: dict[str, str] | None = None             # predicted output digests (up-to-date, restore)
+    seconds: float | None = None                      # estimated from the history (export/estimate.py)
+    basis: str | None = None                          # what the estimate rests on ("same task", ...)
 
     def summary(self) -> str:
         after = _some(self.after)
@@ -329,7 +331,68 @@ def doit_reasons(reasons: dict) -> list[dict]:
 # --- text ---------------------------------------------------------------------------------
 
 
-def render(verdicts: list[Verdict], *, only_changes: bool = False) -> str:
+def estimate(verdicts: list[Verdict], tasks: dict, state) -> dict:
+    """How long the planned build will take, from the history of builds in ``state`` (export/estimate.py).
+    Sets each verdict's ``seconds`` and ``basis``; returns the whole: ``{"seconds", "steps",
+    "without_history", "may_run_seconds", "builds"}`` (``seconds`` None when nothing is known)."""
+    from . import history
+    from .estimate import Estimates
+
+    est = Estimates(history.builds(state))
+    total, counted, unknown, maybe = 0.0, 0, [], 0.0
+    for v in verdicts:
+        if v.verdict in ("up-to-date", "error"):
+            continue
+        outcome = "restored" if v.verdict == "restore" else "built"
+        secs, basis = est.task(v.task, outcome)
+        if basis == "no history" or basis == "same step":  # the step's rate per input byte, if its inputs exist
+            sized, how = est.task(v.task, outcome, input_bytes=_input_bytes(tasks.get(v.task)))
+            if sized is not None:
+                secs, basis = sized, how
+        v.seconds, v.basis = (None if secs is None else round(secs, 2)), basis
+        if v.verdict == "may-run":
+            maybe += secs or 0.0
+        elif secs is None:
+            unknown.append(v.task)
+        else:
+            total += secs
+            counted += 1
+    runs = counted + len(unknown)
+    seconds = round(total + est.overhead, 1) if counted else (0.0 if not runs else None)
+    return {"seconds": seconds, "steps": runs, "without_history": unknown, "may_run_seconds": round(maybe, 1),
+            "builds": est.builds}
+
+
+def _input_bytes(task) -> int | None:
+    if task is None:
+        return None
+    for action in task.actions:
+        if getattr(action, "py_callable", None) is T.run_step:
+            step, kwargs, outputs, name, key, inputs = action.args
+            return T.input_bytes(kwargs, inputs) or None
+    return None
+
+
+def estimate_text(e: dict) -> str:
+    from .estimate import fmt_duration
+
+    if not e["steps"]:
+        return "estimate: nothing to run"
+    if not e["builds"]:
+        return f"estimate: no history of earlier builds yet (.export/history.jsonl): {e['steps']} steps to run, no estimate"
+    n = len(e["without_history"])
+    if e["seconds"] is None:
+        return f"estimate: none of the {e['steps']} steps to run has a history yet: no estimate"
+    text = (f"estimate: {'at least' if n else 'about'} {fmt_duration(e['seconds'])} for {e['steps']} steps "
+            f"(history of {e['builds']} build{'s' if e['builds'] != 1 else ''})")
+    if n:
+        text += f"; {n} without history ({_some(e['without_history'])})"
+    if e["may_run_seconds"]:
+        text += f"; up to {fmt_duration(e['may_run_seconds'])} more if the may-run steps run"
+    return text
+
+
+def render(verdicts: list[Verdict], *, only_changes: bool = False, estimated: dict | None = None) -> str:
     lines = []
     for v in verdicts:
         if only_changes and v.verdict == "up-to-date":
@@ -337,6 +400,8 @@ def render(verdicts: list[Verdict], *, only_changes: bool = False) -> str:
         lines.append(f"{v.task}: {v.summary()}")
         for r in v.reasons:
             lines.append(f"    - {r['text']}")
+    if estimated is not None:
+        lines.append(estimate_text(estimated))
     counts = {k: sum(1 for v in verdicts if v.verdict == k) for k in VERDICTS}
     lines.append("plan: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n) if verdicts else "plan: no tasks")
     return "\n".join(lines) + "\n"
@@ -351,25 +416,9 @@ def run_plan(task_list, dep_manager, selection) -> list[Verdict]:
     c = T.S.config.cache
     cache = Cache.from_settings(local=c.local, remote=c.remote, read_only=True,
                                 log=lambda msg: print(msg, file=sys.stderr))
-    return Planner(task_list, dep_manager, cache.probe).plan(selection)
+    def probe(akey: str, outs: list[str]):  # the entry names outputs by role (export/planner/tasks.py, role)
+        roles, where = T.output_roles(outs)
+        hit = cache.probe(akey, roles)
+        return None if hit is None else {where[r]: d for r, d in hit.items()}
 
-
-class ReadOnlyStatCache(StatCache):
-    """The stat cache, read but never written (a file it does not know is hashed, not remembered).
-    Opened read-only; when its WAL holds rows, SQLite still maps the ``-shm`` index, as for any reader."""
-
-    def _db(self):
-        if self._conn is None:
-            try:
-                if not self.db_path.exists():
-                    return None
-                wal = self.db_path.with_name(self.db_path.name + "-wal")
-                # All rows in the main file (no WAL, or an empty one): read it as immutable, which
-                # touches nothing (a read-only connection would still delete an empty WAL on close).
-                mode = "ro&immutable=1" if not wal.exists() or wal.stat().st_size == 0 else "ro"
-                self._conn = sqlite3.connect(f"file:{self.db_path.resolve()}?mode={mode}", uri=True, timeout=30)
-                self._conn.execute("SELECT 1 FROM digests LIMIT 1")
-            except sqlite3.Error:
-                self._conn = None
-                return None
-        return self._conn
+    return Planner(task_list, dep_manager, probe).plan(selection)

@@ -1,9 +1,12 @@
 """The build report: ``<artifacts>/report.json`` and a readable, self-contained ``report.html``.
 
 Made from a build's record (what ``last_build.json`` holds: each task's status, seconds, peak
-memory, output sizes) and each model's aggregate contract (``<artifacts>/<model>/contract.json``).
-Written by the reporter at the end of every build, and by ``doit report`` from the last record.
-Plain data in, files out; no torch, no config.
+memory, output sizes, its span on its lane), each model's aggregate contract
+(``<artifacts>/<model>/contract.json``) and the history of builds (export/history.py): the timeline
+of the build (inline SVG, export/timeline.py, with the memory reserved beneath) and the trend of each
+step's seconds and peak memory. Written by the reporter at the end of every build that did
+something (a no-op leaves it), and by ``doit report`` from the latest such build.
+Plain data in, files out; no torch, no config, no JavaScript, nothing fetched.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pathlib import Path
 
 from .. import atomic
 from .recipe_report import recipe_tables, to_html as recipes_html
+from . import history, timeline
 
 STATUSES = ("built", "restored", "up-to-date", "failed", "not-run")
 
@@ -22,15 +26,17 @@ def _step(name: str) -> str:
     return name.split(":", 1)[0]
 
 
-def build_report(artifacts: Path, record: dict) -> dict:
-    """The report of one build: ``record`` is ``{"tasks": {name: rec}, "started": ..., "seconds": ...}``."""
+def build_report(artifacts: Path, record: dict, state: Path | None = None) -> dict:
+    """The report of one build: ``record`` is ``{"tasks": {name: rec}, "started": ..., "seconds": ...}``;
+    ``state``: the state folder whose history gives the trends."""
     tasks = record.get("tasks", {})
     rows = []
     for name, rec in sorted(tasks.items()):
         sizes = rec.get("sizes") or {}
         rows.append({"task": name, "step": _step(name), "status": rec.get("status"), "seconds": rec.get("seconds"),
                      "peak_mb": rec.get("peak_mb"), "bytes": sum(sizes.values()) if sizes else None,
-                     "outputs": sorted((rec.get("outputs") or {}).keys()), "error": rec.get("error")})
+                     "outputs": sorted((rec.get("outputs") or {}).keys()), "error": rec.get("error"),
+                     "verdict": rec.get("verdict")})
     counts = {s: sum(1 for r in rows if r["status"] == s) for s in STATUSES}
     looked = counts["built"] + counts["restored"]
     steps: dict[str, dict] = {}
@@ -50,7 +56,17 @@ def build_report(artifacts: Path, record: dict) -> dict:
         "tasks": rows,
         "models": models(artifacts),
         "recipes": recipe_tables(artifacts),  # export/planner/recipe_report.py
+        "timeline": timeline.trace(record),
+        "trends": history.trends(history.builds(state)) if state is not None else {},
+        "history": _history_counts(state),
     }
+
+
+def _history_counts(state: Path | None) -> dict:
+    if state is None:
+        return {"builds": 0, "noops": 0}
+    entries = history.read(state)
+    return {"builds": sum(1 for e in entries if not e.get("noop")), "noops": sum(1 for e in entries if e.get("noop"))}
 
 
 def models(artifacts: Path) -> dict:
@@ -82,6 +98,7 @@ th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .built{color:#b35c00}.restored{color:#1f5fa8}.up-to-date{color:#2e7d32}.failed,.not-run{color:#c62828}
 .bar{display:inline-block;height:.7em;background:#e8a33d;vertical-align:middle}
 code{font-size:.92em}.muted{color:#777}
+svg.timeline{max-width:100%;height:auto;border:1px solid #eee}
 """
 
 
@@ -97,6 +114,17 @@ def _shape(io: list) -> str:
     return ", ".join(f"{_e(x.get('name'))} {_e(x.get('dtype'))}{_e(x.get('shape'))}" for x in io or [])
 
 
+def _verdict_html(verdict) -> str:
+    """verify_coreml's errors per output (export/coreml/verify.py), one line under its task."""
+    if not verdict:
+        return ""
+    outs = verdict.get("outputs") or {}
+    if not outs and verdict.get("functions"):
+        outs = {f"{fn} {o}": e for fn, v in verdict["functions"].items() for o, e in (v.get("outputs") or {}).items()}
+    return "<div class=muted>" + "; ".join(
+        f"{_e(o)}: max abs {e.get('max_abs', 0):.2g}, rel {e.get('rel', 0):.2g}" for o, e in outs.items()) + "</div>"
+
+
 def to_html(report: dict) -> str:
     c, cache = report["counts"], report["cache"]
     hit = "n/a" if cache["hit_rate"] is None else f"{cache['hit_rate']:.0%}"
@@ -108,6 +136,12 @@ def to_html(report: dict) -> str:
         f"<p>Started {_e(report.get('started'))}, {_e(report.get('seconds'))} s. "
         + ", ".join(f"<span class='{s}'>{n} {s}</span>" for s, n in c.items() if n)
         + f". Cache: {cache['hits']} hits, {cache['misses']} misses (hit rate {hit}).</p>",
+        "<h2>Timeline</h2>",
+        "<p class=muted>One row per lane (the doit process, each process of <code>doit -n N</code>, each Dask worker); "
+        "each task that ran, coloured by status, with its memory waits and cache restores beneath it; the memory the "
+        "running steps reserved under the budget. The same data as <code>trace.json</code> (open it in "
+        "ui.perfetto.dev or chrome://tracing).</p>",
+        timeline.to_svg(report["timeline"]) if report.get("timeline") else "<p class=muted>No timeline.</p>",
         "<h2>Steps</h2><table><tr><th>step</th><th>tasks</th><th>built</th><th>restored</th><th>up to date</th>"
         "<th>failed</th><th>seconds</th></tr>",
     ]
@@ -115,13 +149,16 @@ def to_html(report: dict) -> str:
         parts.append(f"<tr><td>{_e(step)}</td><td class=n>{s['tasks']}</td><td class=n>{s['built']}</td>"
                      f"<td class=n>{s['restored']}</td><td class=n>{s['up-to-date']}</td>"
                      f"<td class=n>{s['failed'] + s['not-run']}</td><td class=n>{s['seconds']:.1f}</td></tr>")
-    parts.append("</table><h2>Tasks</h2><table><tr><th>task</th><th>status</th><th>seconds</th><th></th>"
+    parts.append("</table>")
+    parts += _trends_html(report.get("trends") or {}, report.get("history") or {})
+    parts.append("<h2>Tasks</h2><table><tr><th>task</th><th>status</th><th>seconds</th><th></th>"
                  "<th>peak memory</th><th>size</th></tr>")
     for r in report["tasks"]:
         secs = r["seconds"]
         bar = f"<span class=bar style='width:{max(1, int(120 * (secs or 0) / longest))}px'></span>" if secs else ""
         peak = f"{r['peak_mb']:.0f} MB" if r["peak_mb"] is not None else ""
         err = f"<div class=muted>{_e(r['error'][-300:])}</div>" if r.get("error") else ""
+        err += _verdict_html(r.get("verdict"))
         parts.append(f"<tr id='{_e(r['task'])}'><td><code>{_e(r['task'])}</code>{err}</td>"
                      f"<td class='{_e(r['status'])}'>{_e(r['status'])}</td>"
                      f"<td class=n>{'' if secs is None else f'{secs:.1f}'}</td><td>{bar}</td>"
@@ -144,3 +181,35 @@ def to_html(report: dict) -> str:
         parts.append("</table>")
     parts.append(f"<p class=muted>Generated {_e(report['generated'])} by model-export.</p></body></html>\n")
     return "\n".join(parts)
+
+
+def _spark(values: list, colour: str) -> str:
+    """A small inline SVG line of ``values`` (None skipped), oldest left."""
+    pts = [(i, v) for i, v in enumerate(values) if v is not None]
+    if not pts:
+        return ""
+    w, h, top = 120, 24, max(v for _, v in pts) or 1
+    n = max(len(values) - 1, 1)
+    xy = [(round(2 + (w - 4) * i / n, 1), round(h - 2 - (h - 4) * v / top, 1)) for i, v in pts]
+    line = " ".join(f"{x},{y}" for x, y in xy)
+    last = xy[-1]  # the latest build, marked (alone, it is the whole trend)
+    return (f"<svg xmlns='http://www.w3.org/2000/svg' class=spark width='{w}' height='{h}' viewBox='0 0 {w} {h}'>"
+            f"<polyline points='{line}' fill='none' stroke='{colour}' stroke-width='1.5'/>"
+            f"<circle cx='{last[0]}' cy='{last[1]}' r='2.5' fill='{colour}'/></svg>")
+
+
+def _trends_html(trends: dict, counts: dict) -> list[str]:
+    parts = [f"<h2>Trends</h2><p class=muted>Each step's built seconds (summed over its tasks) and largest peak memory in "
+             f"the last {counts.get('builds', 0)} builds that did something (oldest left; "
+             f"{counts.get('noops', 0)} no-op builds since are not drawn).</p>"]
+    if not trends:
+        return parts + ["<p class=muted>No history yet.</p>"]
+    parts.append("<table><tr><th>step</th><th>builds</th><th>last seconds</th><th>seconds</th>"
+                 "<th>last peak</th><th>peak memory</th></tr>")
+    for step, t in trends.items():
+        peak = t["peak_mb"][-1]
+        parts.append(f"<tr><td>{_e(step)}</td><td class=n>{len(t['seconds'])}</td>"
+                     f"<td class=n>{t['seconds'][-1]:.1f}</td><td>{_spark(t['seconds'], '#e8a33d')}</td>"
+                     f"<td class=n>{'' if peak is None else f'{peak:,.0f} MB'}</td><td>{_spark(t['peak_mb'], '#3182bd')}</td></tr>")
+    parts.append("</table>")
+    return parts

@@ -2,11 +2,13 @@
 
 For each model m, mode and T of m's shape set:
 
-    checkpoint:m (demo only) -> export_pytorch:m.mode.T -> convert_coreml:m.mode.T -> bundle_coreml:m
+    checkpoint:m (demo only) -> export_pytorch:m.mode.T -> convert_coreml:m.mode.T -> verify_coreml:m.mode.T
+        -> bundle_coreml:m -> verify_coreml:m (each function of the bundle reproduces its leaf package)
     export_onnx:m.mode.T (the ONNX debug path; not in the default set)
 
-Groups ``export_pytorch:T<n>`` and ``convert_coreml:T<n>`` select every model and
-mode at one T. A task's key is (1) its file inputs, by xxh3 content digest
+Groups ``export_pytorch:T<n>``, ``convert_coreml:T<n>`` and ``verify_coreml:T<n>`` select every
+model and mode at one T; verify_coreml runs for models that export an ExportedProgram. A
+task's key is (1) its file inputs, by xxh3 content digest
 (``ContentChecker``), (2) its config slice, code digest and toolchain versions
 (``config_changed``), and (3) its outputs being what it last wrote
 (``outputs_intact``). The steps themselves are declared in export/stepdefs.py, their
@@ -18,6 +20,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from doit.dependency import FileChangedChecker
@@ -27,7 +30,7 @@ from doit.tools import config_changed
 from .. import checkpoint_files
 from .. import config as config_mod
 from .. import settings
-from . import depfile, lock
+from . import depfile, lock, written
 from ..codekey import CodeKeys
 from ..contract import entry_name
 from ..digest import StatCache, bytes_digest
@@ -113,7 +116,12 @@ def setup(dodo_file: str, argv: list[str]) -> dict:
         signal.signal(signal.SIGINT, _interrupted)
     state = root / STATE_DIR
     state.mkdir(exist_ok=True)
-    S.stat = StatCache(state / "stat-cache.sqlite")
+    if lock.command_of(argv) in lock.READ_ONLY:  # plan, why, graph, list...: the code keys too read it, never write it
+        from ..digest import ReadOnlyStatCache
+
+        S.stat = ReadOnlyStatCache(state / "stat-cache.sqlite")
+    else:
+        S.stat = StatCache(state / "stat-cache.sqlite")
     S.code = CodeKeys(S.stat)
     lock.acquire(state / "lock", argv)
     depfile.check(state / "doit.sqlite", repair=lock.command_of(argv) not in lock.READ_ONLY)
@@ -121,8 +129,8 @@ def setup(dodo_file: str, argv: list[str]) -> dict:
         "dep_file": str(state / "doit.sqlite"),
         "backend": "sqlite3",
         "check_file_uptodate": ContentChecker,
-        "reporter": BuildReporter.writing_to(S.config.artifacts / LAST_BUILD),
-        "default_tasks": ["checkpoint", "export_pytorch", "convert_coreml", "compress_coreml", "bundle_coreml",
+        "reporter": BuildReporter.writing_to(S.config.artifacts / LAST_BUILD, state, S.config),
+        "default_tasks": ["checkpoint", "export_pytorch", "convert_coreml", "verify_coreml", "compress_coreml", "bundle_coreml",
                           "prune_artifacts"],
         "verbosity": 1,
     }
@@ -179,7 +187,24 @@ def build_cache():
         c = S.config.cache
         S.cache = Cache.from_settings(local=c.local, remote=c.remote, read_only=c.read_only,
                                       log=lambda msg: print(msg, file=sys.stderr))
+        if S.cache.pending():  # entries published locally only while the shared store was out of reach
+            n = S.cache.upload_pending()
+            if n:
+                print(f"remote cache: uploaded {n} entr{'y' if n == 1 else 'ies'} built while {S.cache.remote_url} "
+                      "was out of reach", file=sys.stderr)
     return S.cache
+
+
+def role(rel: str) -> str:
+    """What a file is to the build, whatever this checkout's ``artifacts`` setting: a path under the
+    artifacts folder is named from it (``artifacts/<model>/exported/prefill_T16.pt2``, the very path with
+    the default setting); any other path (a user's checkpoint) by itself. Cache keys and manifests use
+    roles, so that checkouts with different artifacts folders share entries (tests/test_cache_roles.py)."""
+    p = S.config.root / rel
+    try:
+        return "artifacts/" + p.relative_to(S.config.artifacts).as_posix()
+    except ValueError:
+        return rel
 
 
 def action_key(key: dict, inputs: list[str]) -> str:
@@ -188,8 +213,16 @@ def action_key(key: dict, inputs: list[str]) -> str:
 
 
 def action_key_of(key: dict, digests: dict[str, str]) -> str:
-    """The cache key of one action from its input digests (``doit plan`` passes the digests it predicts)."""
-    return bytes_digest(json.dumps({"key": key, "inputs": digests}, sort_keys=True).encode())
+    """The cache key of one action from its input digests by path (``doit plan`` passes the digests it
+    predicts); the key holds them by role."""
+    by_role = {role(rel): d for rel, d in digests.items()}
+    return bytes_digest(json.dumps({"key": key, "inputs": by_role}, sort_keys=True).encode())
+
+
+def output_roles(rels: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(the roles of outputs ``rels``, role -> path): what ``Cache.get``/``put`` take."""
+    roles = [role(rel) for rel in rels]
+    return roles, dict(zip(roles, rels))
 
 
 def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: dict, inputs: list[str],
@@ -200,27 +233,38 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
     With ``MODEL_EXPORT_NIGHTLY=1`` nothing is restored: every step runs, and each output digest is
     compared with the cached one (``reproducible`` in the task's values).
     """
-    import time
-
     from ..cache.store import StepOutputsMissing, finish_step
     from ..runner import worker
 
+    entered = time.time()  # the timeline (export/planner/timeline.py): this action's span on its lane, and its phases
+    lane = os.getpid()     # a doit process: the main one, or one of ``doit -n N``
     rels = [rel(p) for p in outputs]
+    roles, where = output_roles(rels)
     akey = action_key(key, inputs)
     cache = build_cache()
     nightly = settings.nightly()
+    state = S.config.root / STATE_DIR
+    # before anything is written: where this step's outputs and their temporaries may appear
+    written.intend(state, rels + ([rel(Path(kwargs["out_dir"]) / ".write-check")] if "out_dir" in kwargs else []))
+    in_bytes = input_bytes(kwargs, inputs)
     if not nightly:
-        restored = cache.get(akey, S.config.root, rels)
+        restored = cache.get(akey, S.config.root, roles, where)
         if restored is not None:
+            written.wrote(state, restored)
+            done = time.time()
             return {"outputs": restored, "restored": True, "action_key": akey,
-                    "sizes": {rel: _size(p) for rel, p in zip(rels, outputs)}}
+                    "sizes": {rel: _size(p) for rel, p in zip(rels, outputs)}, "input_bytes": in_bytes,
+                    "lane": lane, "span": [entered, done], "phases": [["cache restore", entered, done]],
+                    **_verdict(step, outputs)}
+    looked = time.time()
     log = S.config.root / STATE_DIR / "logs" / f"{task_name.replace(':', '__')}.log"
     need = need_mb(step, kwargs, inputs)
     address = dask_address()
     if address:
-        return _run_on_cluster(address, step, kwargs, outputs, task_name, key, inputs, akey, need, log, nightly, arch)
+        return _run_on_cluster(address, step, kwargs, outputs, task_name, key, inputs, akey, need, log, nightly, arch,
+                               entered=entered, in_bytes=in_bytes)
     try:
-        with _ledger().reserve(task_name, need):
+        with _ledger().reserve(task_name, need) as held:
             started, wall = time.monotonic(), time.time()
             measured = worker.run(step, kwargs, log)
             ended = time.time()
@@ -229,17 +273,39 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
     except worker.StepFailed as e:
         return TaskFailed(f"error: {task_name}: {e}")
     seconds = round(time.monotonic() - started, 3)
+    publish = time.time()
     try:
         done = finish_step(cache, akey, S.config.root, rels, {"task": task_name, "seconds": seconds,
                                                               "toolchain": key["tools"]},
-                           nightly=nightly, digest=_stat().any)
+                           nightly=nightly, digest=_stat().any, roles=roles)
     except StepOutputsMissing as e:
         return TaskFailed(f"error: {task_name}: the step did not write {e.missing} (log: {log})")
+    written.wrote(state, done.digests)
     values = {"outputs": done.digests, "sizes": {rel: _size(p) for rel, p in zip(rels, outputs)}, "action_key": akey,
-              "seconds": seconds, "peak_mb": measured["peak_mb"], "reserved_mb": need, "started": wall, "ended": ended}
+              "seconds": seconds, "peak_mb": measured["peak_mb"], "reserved_mb": need, "started": wall, "ended": ended,
+              "input_bytes": in_bytes, "lane": lane, "held": held["held"], "budget_mb": held["budget_mb"]}
     if nightly:
         values["cached"], values["reproducible"] = done.cached, done.reproducible
+    if done.uploaded:
+        values["uploaded"] = done.uploaded
+    values.update(_verdict(step, outputs))
+    phases = [["cache lookup", entered, looked]]
+    if held["waited"]:
+        phases.append(["memory wait", *held["waited"]])
+    phases.append(["cache publish", publish, time.time()])  # the outputs' digests, and the cache entry
+    values["phases"] = phases
+    values["span"] = [entered, time.time()]
     return values
+
+
+def _verdict(step: str, outputs: list[Path]) -> dict:
+    """verify_coreml's verdict (errors per output) for last_build.json and the report."""
+    if step != "verify_coreml":
+        return {}
+    try:
+        return {"verdict": json.loads(Path(outputs[0]).read_text())}
+    except (OSError, ValueError):
+        return {}
 
 
 def dask_address() -> str | None:
@@ -247,13 +313,15 @@ def dask_address() -> str | None:
 
 
 def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], task_name: str, key: dict,
-                    inputs: list[str], akey: str, need: int, log: Path, nightly: bool, arch: str | None):
+                    inputs: list[str], akey: str, need: int, log: Path, nightly: bool, arch: str | None,
+                    entered: float | None = None, in_bytes: int | None = None):
     """``run_step`` on a Dask cluster (export/runner/cluster.py): publish the inputs to the shared cache,
     run the step on a worker holding ``need`` MB, restore its outputs from the shared cache."""
     from ..runner import cluster
 
     root, cache, pyproject = S.config.root, build_cache(), S.config.root / "pyproject.toml"
     rels = [rel(p) for p in outputs]
+    roles, where = output_roles(rels)
     if not cache.remote_url or cache.read_only:
         return TaskFailed(f"error: {pyproject}: tool.export.cache.remote: steps on the Dask cluster at {address} "
                           "need a shared cache that the workers reach and the build may write (a directory they "
@@ -268,27 +336,35 @@ def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], 
                               f"inputs to the shared cache {cache.remote_url}")
     try:
         request = {"step": step, "kwargs": cluster.to_request_paths(kwargs, root), "inputs_key": inputs_key,
-                   "inputs": input_rels, "outputs": rels, "action_key": akey, "nightly": nightly,
+                   "inputs": input_rels, "outputs": rels, "roles": roles, "action_key": akey, "nightly": nightly,
                    "remote": cache.remote_url, "root": str(root), "task": task_name, "tools": key["tools"],
                    "code": key["code"], "arch": arch}
         result = cluster.submit_and_wait(address, request, need, task_name)
     except ExportError as e:
-        return TaskFailed(f"error: {e if e.file else ExportError(e.message, file=pyproject, field=e.field)}")
+        if not e.file:  # a cluster error (MEMORY_MB, no worker...): name where the scheduler came from
+            where, field = settings.dask_scheduler_origin(pyproject)
+            e = ExportError(e.message, file=where, field=field if (e.field or "").startswith("tool.export.dask")
+                            or not e.field else e.field)
+        return TaskFailed(f"error: {e}")
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(result.get("log", ""))
     for line in result.get("warnings", ()):
         print(f"{result.get('worker')}: {line}", file=sys.stderr)
     if "error" in result:
         return TaskFailed(f"{result['error']} (on {result.get('worker')}; log: {log})")
-    restored = cache.get(result["key"], root, rels)
+    restored = cache.get(result["key"], root, roles, where)
+    if restored is not None:
+        written.wrote(root / STATE_DIR, restored)
     if restored != result["digests"]:
         return TaskFailed(f"error: {task_name}: its outputs could not be restored from the shared cache "
                           f"{cache.remote_url} (entry {result['key']})")
     values = {"outputs": restored, "sizes": {rel: _size(p) for rel, p in zip(rels, outputs)}, "action_key": akey,
               "seconds": result["seconds"], "peak_mb": result["peak_mb"], "reserved_mb": need,
-              "started": result["started"], "ended": result["ended"], "worker": result["worker"]}
+              "started": result["started"], "ended": result["ended"], "worker": result["worker"],
+              "input_bytes": in_bytes, "lane": result["worker"], "span": [entered or result["started"], time.time()]}
     if nightly:
         values["cached"], values["reproducible"] = result["cached"], result["reproducible"]
+    values.update(_verdict(step, outputs))
     return values
 
 
@@ -298,11 +374,15 @@ def _package_inputs(kwargs: dict) -> list[str]:
     return [*kwargs.get("packages", ()), *([kwargs["package"]] if "package" in kwargs else [])]
 
 
+def input_bytes(kwargs: dict, inputs: list[str]) -> int:
+    """The bytes a step reads: its input files, and the packages a bundle merges."""
+    data = sum(_size(S.config.root / rel) for rel in inputs if (S.config.root / rel).exists())
+    return data + sum(_size(Path(p)) for p in _package_inputs(kwargs) if Path(p).exists())
+
+
 def need_mb(step: str, kwargs: dict, inputs: list[str]) -> int:
     """The memory ``step`` reserves: its record's estimate from the bytes it reads (export/stepdefs.py)."""
-    data = sum(_size(S.config.root / rel) for rel in inputs if (S.config.root / rel).exists())
-    data += sum(_size(Path(p)) for p in _package_inputs(kwargs) if Path(p).exists())
-    return STEPS[step].need_mb(data)
+    return STEPS[step].need_mb(input_bytes(kwargs, inputs))
 
 
 def _ledger():
@@ -407,6 +487,19 @@ def tokenizer_files(m) -> list[Path]:
     return [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
 
 
+def verdict_path(m, mode, T) -> Path:
+    return model_dir(m) / "coreml" / f"{entry_name(mode, T)}.verify.json"
+
+
+def bundle_verdict_path(m) -> Path:
+    return model_dir(m) / f"{m.name}.verify.json"
+
+
+def verified(m) -> bool:
+    """The numerical verification runs the package against the ExportedProgram: models that export one."""
+    return "exported_program" in m.formats
+
+
 def leaf(m, mode, T) -> str:
     return f"{m.name}.{mode}.T{T}"
 
@@ -496,6 +589,35 @@ def _quality_values(path: Path) -> dict:
         return {}
 
 
+def task_verify_coreml():
+    """Run each package in the reference interpreter against its ExportedProgram (export/coreml/verify.py), and
+    each function of a bundle against its leaf package; the verdict (max abs and relative error per output)
+    goes to <package stem>.verify.json."""
+    by_T: dict[int, list[str]] = {}
+    for m in S.config.models:
+        if not verified(m):
+            continue
+        for mode, T in m.leaves():
+            files, contract = export_paths(m, mode, T)
+            pkg, out = package_path(m, mode, T), verdict_path(m, mode, T)
+            kwargs = {"package": str(pkg), "exported": str(files["exported_program"]), "contract": str(contract),
+                      "out": str(out)}
+            by_T.setdefault(T, []).append(leaf(m, mode, T))
+            yield _task("verify_coreml", leaf(m, mode, T), f"{m.name} {mode} T={T}: the package's numbers against the program",
+                        kwargs, {}, [out], [out],  # the package's bytes (its manifest) cover its options
+                        file_dep=[manifest_of(pkg), files["exported_program"], contract])
+        bundle = model_dir(m) / f"{m.name}.mlpackage"
+        names = [entry_name(mode, T) for mode, T in m.leaves()]
+        kwargs = {"bundle": str(bundle), "out": str(bundle_verdict_path(m)),
+                  "leaves": {n: str(package_path(m, mode, T)) for n, (mode, T) in zip(names, m.leaves())},
+                  "contracts": {n: str(export_paths(m, mode, T)[1]) for n, (mode, T) in zip(names, m.leaves())}}
+        yield _task("verify_coreml", m.name, f"{m.name}: each function of the bundle against its leaf package",
+                    kwargs, {"functions": names}, [bundle_verdict_path(m)], [bundle_verdict_path(m)],
+                    file_dep=[manifest_of(bundle)] + [manifest_of(package_path(m, mode, T)) for mode, T in m.leaves()]
+                    + [export_paths(m, mode, T)[1] for mode, T in m.leaves()])
+    yield from _groups("verify_coreml", "verify", by_T)
+
+
 def task_bundle_coreml():
     """Merge every (mode, T) package of a model into one multifunction <model>.mlpackage + contract.json."""
     for m in S.config.models:
@@ -515,10 +637,11 @@ def task_bundle_coreml():
             extra["files_out"] = str(model_dir(m))
         kwargs.update(extra)
         key.update({k: v for k, v in (("metadata", extra.get("metadata")),) if v})
+        verdicts = [verdict_path(m, mode, T) for mode, T in m.leaves()] if verified(m) else []
         yield _task("bundle_coreml", m.name, f"{m.name}: one multifunction package of {len(pkgs)} functions",
                     kwargs, key, [out, manifest_of(out), contract_out, *(model_dir(m) / f.name for f in shipped)],
                     [manifest_of(out), contract_out, *(model_dir(m) / f.name for f in shipped)],
-                    file_dep=[manifest_of(p) for p in pkgs] + contracts + shipped)
+                    file_dep=[manifest_of(p) for p in pkgs] + contracts + shipped + verdicts)  # a leaf that fails its verification stops its bundle
         for recipe in m.recipes:  # one bundle per recipe, of its compressed packages
             cpkgs = [compressed_path(m, mode, T, recipe.name) for mode, T in m.leaves()]
             rout = recipe_bundle_path(m, recipe.name)
@@ -555,57 +678,99 @@ def _expected_outputs() -> set[Path]:
         for mode, T in m.leaves():
             files, contract = export_paths(m, mode, T)
             pkg = package_path(m, mode, T)
-            out.update([*files.values(), contract, pkg, manifest_of(pkg), onnx_path(m, mode, T)])
+            out.update([*files.values(), contract, pkg, manifest_of(pkg), onnx_path(m, mode, T), verdict_path(m, mode, T)])
             for recipe in m.recipes:
                 cpkg = compressed_path(m, mode, T, recipe.name)
                 out.update([cpkg, manifest_of(cpkg), quality_path(m, mode, T, recipe.name)])
         bundle = model_dir(m) / f"{m.name}.mlpackage"
-        out.update([bundle, manifest_of(bundle), model_dir(m) / "contract.json"])
+        out.update([bundle, manifest_of(bundle), model_dir(m) / "contract.json", bundle_verdict_path(m)])
         for recipe in m.recipes:
             rb = recipe_bundle_path(m, recipe.name)
             out.update([rb, manifest_of(rb), model_dir(m) / f"{m.name}.{recipe.name}.contract.json"])
     return out
 
 
-# Temporaries of atomic writes (export.atomic: .tmp), of cache restores (export.cache: .restore, .old) and
-# of the bundle's merge (export.bundle: .merge).
+# Temporaries of atomic writes (export/atomic.py: .<name>.*.tmp), of cache restores (export/cache/store.py: .restore,
+# .old) and of the bundle's merge (export/coreml/bundle.py: .merge), beside the output they stand for.
 # A full build runs prune_artifacts after every step it runs, under the project lock: none is being written.
 LEFTOVER_SUFFIXES = (".tmp", ".restore", ".old", ".merge")
+COMPACT_BYTES = 1 << 20  # the record of written outputs is compacted past this size
 
 
-def stale_outputs() -> list[Path]:
-    """Artifacts of leaves no longer in the config (a T removed, a format dropped, a model renamed), and
-    temporaries a killed build left."""
-    expected = _expected_outputs()
-    stale = []
-    for model in sorted(S.config.artifacts.glob("*/")):
-        for d in (model, model / "exported", model / "coreml"):  # what a killed build left half-written
-            stale += [p for p in sorted(d.glob(".*")) if p.name.endswith(LEFTOVER_SUFFIXES)]
-        for sub in ("exported", "coreml"):
-            for p in sorted((model / sub).glob("*")):
-                if p not in expected and not p.name.startswith("."):  # dot-names: a step's temporaries
-                    stale.append(p)
-        # bundles of recipes no longer picked (<model>.<recipe>.mlpackage, its manifest and contract)
-        for pattern in (f"{model.name}.*.mlpackage", f"{model.name}.*.mlpackage.manifest.json",
-                        f"{model.name}.*.contract.json"):
-            stale += [p for p in sorted(model.glob(pattern)) if p not in expected]
-    return stale
+def _leftovers(rec: "written.Record") -> list[Path]:
+    """Temporaries a killed build left beside an output it meant to write: ``.<output name>.<random><suffix>``."""
+    by_dir: dict[Path, set[str]] = {}
+    for rel in rec.intents | set(rec.wrote):
+        p = S.config.root / rel
+        by_dir.setdefault(p.parent, set()).add(p.name)
+    out = []
+    for d, names in sorted(by_dir.items()):
+        try:
+            entries = sorted(os.listdir(d))
+        except OSError:
+            continue
+        for e in entries:
+            if e.startswith(".") and e.endswith(LEFTOVER_SUFFIXES) and any(e.startswith(f".{n}.") for n in names):
+                out.append(d / e)
+    return out
+
+
+def stale_outputs() -> tuple[list[Path], list[Path]]:
+    """(outputs the build wrote that the config no longer makes: a T removed, a format dropped, a model
+    renamed; temporaries a killed build left). Only paths in the build's record (export/planner/written.py): a file
+    the build never wrote is never listed."""
+    rec = written.read(S.config.root / STATE_DIR)
+    expected = {rel(p) for p in _expected_outputs()}
+    stale = [S.config.root / r for r in sorted(rec.wrote) if r not in expected and os.path.lexists(S.config.root / r)]
+    return stale, _leftovers(rec)
 
 
 def _prune() -> dict:
     from ..atomic import remove
 
-    gone = stale_outputs()
-    for p in gone:
+    state = S.config.root / STATE_DIR
+    rec = written.read(state)
+    stale, leftovers = stale_outputs()
+    gone, kept = [], []
+    for p in stale:
+        r = rel(p)
+        try:
+            same = not p.is_symlink() and _stat().any(p) == rec.wrote[r]
+        except OSError:
+            same = False
+        if same:
+            remove(p)
+            print(f"prune_artifacts: removed {r} (no longer in the config)", file=sys.stderr, flush=True)
+            gone.append(r)
+        else:
+            print(f"prune_artifacts: left {r} alone: it is no longer in the config, but it changed since the "
+                  "build wrote it", file=sys.stderr, flush=True)
+            kept.append(r)
+    for p in leftovers:
         remove(p)
-    return {"removed": [rel(p) for p in gone]}
+        print(f"prune_artifacts: removed {rel(p)} (a temporary an interrupted build left)", file=sys.stderr, flush=True)
+        gone.append(rel(p))
+    # forget what is settled: removed or given up outputs, intents of paths the config no longer makes
+    expected = {rel(p) for p in _expected_outputs()}
+    done = [r for r in sorted(rec.intents | set(rec.wrote)) if r not in expected
+            and (r in gone or r in kept or not os.path.lexists(S.config.root / r))]
+    written.removed(state, done)
+    if written.size(state) > COMPACT_BYTES:
+        written.rewrite(state, written.read(state))
+    return {"removed": gone, "left": kept}
+
+
+def _nothing_to_prune() -> bool:
+    stale, leftovers = stale_outputs()
+    return not stale and not leftovers
 
 
 def task_prune_artifacts():
-    """Remove artifacts of leaves that are no longer in the config, so artifacts/ holds no stale file."""
+    """Remove outputs the build wrote for leaves no longer in the config (and temporaries of killed builds);
+    never a file the build did not write."""
     return {
         "actions": [_prune],
-        "task_dep": ["bundle_coreml"],
-        "uptodate": [lambda: not stale_outputs()],
+        "task_dep": ["bundle_coreml", "verify_coreml"],
+        "uptodate": [_nothing_to_prune],
         "verbosity": 1,
     }

@@ -218,7 +218,8 @@ def execute(request: dict) -> dict:
         try:
             done = finish_step(cache, request["action_key"], Path(scratch), request["outputs"],
                                {"task": task, "seconds": seconds, "toolchain": request["tools"],
-                                "worker": _worker_name()}, nightly=request["nightly"], keep_rebuilt=True)
+                                "worker": _worker_name()}, nightly=request["nightly"], keep_rebuilt=True,
+                               roles=request.get("roles"))  # the entry names outputs by role
         except StepOutputsMissing as e:
             return failed(f"error: {task}: the step did not write {e.missing}")
         key, digests, cached, reproducible = done.key, done.digests, done.cached, done.reproducible

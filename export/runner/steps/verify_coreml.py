@@ -1,0 +1,39 @@
+"""verify_coreml: a package run in the reference interpreter against its ExportedProgram (a leaf), or each
+function of a bundle against its leaf package; the verdict goes to a JSON file beside it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ... import atomic
+from ...errors import ExportError
+
+
+def run(out: str, **kwargs) -> None:
+    try:
+        _run(out, **kwargs)
+    except ExportError as e:  # a plain ExportError crosses to the planner (which must not import the interpreter)
+        raise ExportError(str(e)) from None
+
+
+def _run(out: str, package: str | None = None, exported: str | None = None, contract: str | None = None,
+         bundle: str | None = None, leaves: dict | None = None, contracts: dict | None = None) -> None:
+    from ...coreml.verify import Disagreement, verify, verify_bundle
+
+    if bundle is not None:
+        verdicts = verify_bundle(Path(bundle), {fn: Path(p) for fn, p in leaves.items()},
+                                 contracts={fn: Path(c) for fn, c in contracts.items()})
+        body = {"package": Path(bundle).name, "functions": {fn: v.to_json() for fn, v in verdicts.items()}}
+        for fn, v in verdicts.items():
+            bad = v.failure()
+            if bad:
+                raise Disagreement(f"function {fn} does not reproduce its leaf package: {bad}", file=bundle, field="verify")
+    else:
+        v = verify(Path(package), Path(exported), Path(contract))
+        bad = v.failure()
+        if bad:
+            raise Disagreement(f"function {v.function}: {bad}", file=package, field="verify")
+        body = {"package": Path(package).name, **v.to_json()}
+        for o in v.outputs:
+            print(o.line())
+    atomic.write_text(Path(out), json.dumps(body, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,187 @@
+"""The shared store on a real S3 server other than moto: SeaweedFS (``weed mini``, started by the
+session fixture on 127.0.0.1). It answers a create-only put of an existing key with 412 and no
+<Condition> element, so s3fs raises a plain OSError there (issue #20); moto sends the element.
+
+Publish, restore into a fresh checkout, two writers of the same entry, a corrupt blob repaired in
+the store, and an outage followed by the late upload."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from export.cache import Cache
+from export.digest import file_digest, tree_digest
+from test_cache import OUTS, make_outputs, new_cache, spawn_put
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture
+def store(seaweedfs, monkeypatch, request):
+    """A fresh bucket on the SeaweedFS server; the endpoint and keys in the environment."""
+    import s3fs
+
+    env = {"AWS_ENDPOINT_URL": seaweedfs, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    bucket = "sw-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    fs = s3fs.S3FileSystem(endpoint_url=seaweedfs, key="testing", secret="testing", skip_instance_cache=True)
+    fs.mkdir(bucket)
+    return f"s3://{bucket}/team/cache", fs, env
+
+
+def sw_cache(path, url, **kw):
+    return new_cache(path, remote=url, storage_options={"skip_instance_cache": True}, **kw)
+
+
+def test_publish_then_restore_into_a_fresh_checkout(store, tmp_path):
+    url, fs, _ = store
+    a = make_outputs(tmp_path / "a")
+    machine_a, logs_a = sw_cache(tmp_path / "local_a", url)
+    machine_a.put("k1", a, OUTS, {"task": "t"})
+    assert machine_a.uploaded == 1 and logs_a == []
+    keys = fs.find(url)
+    assert len([k for k in keys if "/cas/" in k]) == 3 and len([k for k in keys if "/ac/" in k]) == 1
+
+    fresh, logs_b = sw_cache(tmp_path / "local_b", url)
+    got = fresh.get("k1", tmp_path / "b", OUTS)
+    assert got == {"art/m.pt": file_digest(a / "art/m.pt"), "art/m.mlpackage": tree_digest(a / "art/m.mlpackage")}
+    assert tree_digest(tmp_path / "b/art/m.mlpackage") == got["art/m.mlpackage"] and logs_b == []
+
+
+def test_publishing_an_entry_already_there_is_no_warning(store, tmp_path):
+    """SeaweedFS answers the second create-only put with a bare 412: the entry is there, all is well."""
+    url, fs, _ = store
+    a = make_outputs(tmp_path / "a")
+    first, _ = sw_cache(tmp_path / "local_a", url)
+    first.put("k1", a, OUTS, {"task": "first"})
+    manifest = f"{url}/ac/k1/k1"
+    before = fs.cat_file(manifest)
+    second, logs = sw_cache(tmp_path / "local_b", url)
+    second.put("k1", a, OUTS, {"task": "second"})
+    assert logs == [], logs
+    assert fs.cat_file(manifest) == before and second.pending() == []
+    with pytest.raises(OSError, match="pre-conditions"):  # what the server really sends: not FileExistsError
+        fs.pipe_file(manifest, b"{}", mode="create")
+
+
+def test_two_writers_of_the_same_entry(store, tmp_path):
+    url, fs, env = store
+    roots = [make_outputs(tmp_path / n) for n in ("a1", "a2")]
+    weights = os.urandom(4 << 20)
+    for r in roots:
+        (r / "art/m.mlpackage/Data/weights/weight.bin").write_bytes(weights)
+    go = tmp_path / "go"
+    procs = [spawn_put(tmp_path / f"local{i}", r, "k1", "ok", go, {**env, "REMOTE": url}) for i, r in enumerate(roots)]
+    time.sleep(0.5)
+    go.touch()
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and out.strip() == "", out + err  # no warning from either writer
+    reader, logs = sw_cache(tmp_path / "local_c", url)
+    assert reader.get("k1", tmp_path / "c", OUTS)["art/m.mlpackage"] == tree_digest(roots[0] / "art/m.mlpackage")
+    assert logs == []
+
+
+def test_a_corrupt_blob_is_replaced_by_its_good_bytes(store, tmp_path):
+    url, fs, _ = store
+    a = make_outputs(tmp_path / "a")
+    sw_cache(tmp_path / "local_a", url)[0].put("k1", a, OUTS, {})
+    digest = file_digest(a / "art/m.pt")
+    remote_blob = f"{url}/cas/{digest[:2]}/{digest}"
+    fs.pipe_file(remote_blob, b"b" * 5000)  # same size, wrong bytes
+
+    machine_b, logs = sw_cache(tmp_path / "local_b", url)
+    assert machine_b.get("k1", tmp_path / "b", OUTS) is None  # caught: a miss, the step runs again
+    assert any("does not match" in line for line in logs), logs
+    machine_b.put("k1", a, OUTS, {"task": "rebuilt"})  # the rebuild publishes the same bytes
+    assert fs.cat_file(remote_blob) == (a / "art/m.pt").read_bytes(), "the bad object is still in the store"
+    assert any("replaced by its good bytes" in line for line in logs), logs
+
+    machine_c, logs_c = sw_cache(tmp_path / "local_c", url)
+    assert machine_c.get("k1", tmp_path / "c", OUTS) is not None and logs_c == []
+
+
+def test_an_outage_then_the_late_upload(store, tmp_path, monkeypatch):
+    """The store unreachable: one warning, a few seconds at most, entries published locally and marked;
+    the next build that reaches the store uploads them."""
+    url, fs, env = store
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    a = make_outputs(tmp_path / "a")
+    b = make_outputs(tmp_path / "b", seed=b"b")
+    down, logs = sw_cache(tmp_path / "local", url)
+    started = time.monotonic()
+    assert down.get("k1", tmp_path / "x", OUTS) is None
+    down.put("k1", a, OUTS, {})
+    down.put("k2", b, OUTS, {})
+    assert down.get("k3", tmp_path / "y", OUTS) is None
+    assert time.monotonic() - started < 10
+    assert len(logs) == 1 and logs[0].startswith("warning: remote cache unavailable") and "not tried again" in logs[0]
+    assert down.pending() == ["k1", "k2"] and down.uploaded == 0
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", env["AWS_ENDPOINT_URL"])  # the store is back
+    up, logs_up = sw_cache(tmp_path / "local", url)
+    assert up.upload_pending() == 2 and up.pending() == [] and logs_up == []
+    fresh, _ = sw_cache(tmp_path / "elsewhere", url)
+    assert fresh.get("k2", tmp_path / "z", OUTS)["art/m.pt"] == file_digest(b / "art/m.pt")
+
+
+def test_the_cache_settings_reach_seaweedfs_from_the_environment(store, tmp_path, monkeypatch):
+    url, fs, _ = store
+    monkeypatch.setenv("MODEL_EXPORT_REMOTE_CACHE", url)
+    logs = []
+    cache = Cache.from_settings(local=tmp_path / "local", remote=None, log=logs.append)
+    cache.put("k1", make_outputs(tmp_path / "a"), OUTS, {})
+    assert cache.stats()["remote"]["entries"] == 1 and logs == []
+
+
+# --- through the real doit ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_project(tmp_path_factory):
+    from faults import TINY_TOML, create_tiny
+    from scenario import project_toml
+
+    p = create_tiny(tmp_path_factory.mktemp("sw-doit") / "template")
+    text = TINY_TOML.replace('shape_set = "tiny"', 'shape_set = "tiny"\nmodes = ["prefill"]')
+    (p.root / "pyproject.toml").write_text(project_toml(text, name="seaweedfs"))
+    return p
+
+
+def _entries(fs, url) -> int:
+    fs.invalidate_cache()
+    return len([k for k in fs.find(url) if "/ac/" in k])
+
+
+@pytest.mark.slow  # four real builds: in CI's slow step
+def test_doit_publishes_restores_and_uploads_late_on_seaweedfs(tiny_project, store, tmp_path):
+    url, fs, env = store
+    remote = {**env, "MODEL_EXPORT_REMOTE_CACHE": url}
+    a = tiny_project.copy(tmp_path / "a")
+    r = a.doit(env=remote)
+    assert "warning" not in r.stderr, r.stderr
+    assert "3 entries to the shared store" in r.stdout, r.stdout
+    assert _entries(fs, url) == 3
+
+    # a fresh checkout with an empty local cache restores every step from the store
+    fresh = tiny_project.copy(tmp_path / "fresh")
+    fresh.doit(env={**remote, "MODEL_EXPORT_CACHE": str(tmp_path / "fresh-cache")})
+    assert fresh.ran() <= {"prune_artifacts"} and len(fresh.restored()) == 3
+    assert fresh.artifact_digests() == a.artifact_digests()
+
+    # an outage: one warning, entries kept locally; the next build that uses the store uploads them
+    fs.rm(url, recursive=True)
+    down = tiny_project.copy(tmp_path / "down")
+    started = time.monotonic()
+    r = down.doit(env={**remote, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
+    assert [ln for ln in r.stderr.splitlines() if "warning" in ln] == [
+        next(ln for ln in r.stderr.splitlines() if ln.startswith("warning: remote cache unavailable"))], r.stderr
+    assert _entries(fs, url) == 0
+    (down.root / "artifacts/student/student.mlpackage.manifest.json").unlink()  # something for the next build to do
+    r = down.doit(env=remote)
+    assert "remote cache: uploaded 3 entries" in r.stderr, r.stderr
+    assert _entries(fs, url) == 3
