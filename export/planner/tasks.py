@@ -684,6 +684,7 @@ def _expected_outputs() -> set[Path]:
                 out.update([cpkg, manifest_of(cpkg), quality_path(m, mode, T, recipe.name)])
         bundle = model_dir(m) / f"{m.name}.mlpackage"
         out.update([bundle, manifest_of(bundle), model_dir(m) / "contract.json", bundle_verdict_path(m)])
+        out.update(model_dir(m) / f.name for f in tokenizer_files(m))
         for recipe in m.recipes:
             rb = recipe_bundle_path(m, recipe.name)
             out.update([rb, manifest_of(rb), model_dir(m) / f"{m.name}.{recipe.name}.contract.json"])
