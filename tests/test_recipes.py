@@ -240,12 +240,12 @@ def test_in_conversion_compression_and_recipes_do_not_mix(tmp_path):
 
     (tmp_path / "shape_sets.json").write_text(json.dumps({"one": {"prefill": [16]}}))
     text = ('[tool.export]\n[tool.export.recipes.r]\ndefault = { quantize = "int8" }\n[[tool.export.models]]\n'
-            'name = "student"\nshape_set = "one"\nmodes = ["prefill"]\ncoreml = { compression = "palettize" }\nrecipes = ["r"]\n'
+            'name = "student"\nshape_set = "one"\nmodes = ["prefill"]\ncoreml = { compression = "palettize", minimum_deployment_target = "iOS18" }\nrecipes = ["r"]\n'
             'metadata = { author = "a" }\n')
     with pytest.raises(ExportError) as e:
         config.parse(tomllib.loads(text)["tool"]["export"], root=tmp_path, file=tmp_path / "pyproject.toml")
     assert e.value.field == "tool.export.models[0].coreml.compression" and "[tool.export.recipes]" in str(e.value)
-    ok = text.replace('coreml = { compression = "palettize" }\n', "")
+    ok = text.replace('coreml = { compression = "palettize", minimum_deployment_target = "iOS18" }\n', "")
     m = config.parse(tomllib.loads(ok)["tool"]["export"], root=tmp_path, file=tmp_path / "pyproject.toml").models[0]
     assert [r.name for r in m.recipes] == ["r"] and m.metadata == (("author", "a"),)
     bad = ok.replace('metadata = { author = "a" }', 'metadata = { owner = "a" }')
