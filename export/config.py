@@ -38,6 +38,7 @@ from pathlib import Path
 from . import shape_sets as shape_sets_mod
 from .coreml.options import STATEFUL_TARGETS, CoreMLOptions
 from .errors import ExportError
+from .recipes import Recipe, parse_recipes
 from .contract import FORMATS as EXPORT_FORMATS
 from .models.names import ARCHITECTURE_MODES, ARCHITECTURE_NAMES, DEMO_ARCHITECTURES
 
@@ -48,10 +49,12 @@ else:  # pragma: no cover
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 FORMATS = tuple(sorted(EXPORT_FORMATS))  # exported_program, torchscript
-TOP_KEYS = {"artifacts", "shape_sets", "models", "cache", "memory_budget_mb", "dask"}
+TOP_KEYS = {"artifacts", "shape_sets", "models", "cache", "memory_budget_mb", "dask", "recipes"}
 CACHE_KEYS = {"local", "remote", "read_only"}
 DASK_KEYS = {"scheduler", "lanes"}
-MODEL_KEYS = {"name", "architecture", "checkpoint", "shape_set", "modes", "formats", "convert_from", "dtype", "coreml"}
+MODEL_KEYS = {"name", "architecture", "checkpoint", "shape_set", "modes", "formats", "convert_from", "dtype", "coreml",
+              "recipes", "metadata"}
+METADATA_KEYS = ("author", "license", "version", "short_description")  # the package's own metadata fields
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,8 @@ class ModelConfig:
     convert_from: str
     dtype: str
     coreml: CoreMLOptions
+    recipes: tuple[Recipe, ...] = ()                 # export/recipes.py: each builds compressed packages + a bundle
+    metadata: tuple[tuple[str, str], ...] = ()       # METADATA_KEYS given, in that order
 
     @property
     def is_demo(self) -> bool:
@@ -152,9 +157,10 @@ def parse(table: object, *, root: Path, file: Path) -> Config:
     if not models_raw:
         raise ExportError("the model list is empty", file=file, field="tool.export.models")
     sets = shape_sets_mod.load(sets_file)
+    recipes = parse_recipes(table.get("recipes", {}), file=file, name_pattern=NAME)
     models, seen = [], {}
     for i, raw in enumerate(models_raw):
-        m = _model(raw, i, sets=sets, sets_file=sets_file, file=file)
+        m = _model(raw, i, sets=sets, sets_file=sets_file, file=file, recipes=recipes)
         if m.name in seen:
             raise ExportError(f"duplicate model name {m.name!r} (also models[{seen[m.name]}])", file=file, field=f"tool.export.models[{i}].name")
         # names become folder names: macOS's case-insensitive disks, where the artifacts are opened, merge these
@@ -257,7 +263,7 @@ def _cache(raw, *, root: Path, file) -> CacheConfig:
     return CacheConfig(local=local, remote=remote, read_only=read_only)
 
 
-def _model(raw, i, *, sets, sets_file, file) -> ModelConfig:
+def _model(raw, i, *, sets, sets_file, file, recipes=None) -> ModelConfig:
     at = f"tool.export.models[{i}]"
     _expect(raw, dict, file=file, field=at, what="a table")
     unknown = sorted(set(raw) - MODEL_KEYS)
@@ -302,5 +308,29 @@ def _model(raw, i, *, sets, sets_file, file) -> ModelConfig:
         raise ExportError(f"compressed packages merge into the model's bundle only when converted for "
                           f"{' or '.join(STATEFUL_TARGETS)}: set coreml.minimum_deployment_target to one of them (got "
                           f"{coreml.minimum_deployment_target!r})", file=file, field=f"{at}.coreml.compression")
+    chosen_recipes = _model_recipes(raw, at, recipes or {}, coreml, file=file)
     return ModelConfig(name=name, architecture=arch, checkpoint=checkpoint, shape_set=set_name, modes=modes,
-                       enumerated_T=enumerated, formats=formats, convert_from=convert_from, dtype=dtype, coreml=coreml)
+                       enumerated_T=enumerated, formats=formats, convert_from=convert_from, dtype=dtype, coreml=coreml,
+                       recipes=chosen_recipes, metadata=_metadata(raw.get("metadata", {}), f"{at}.metadata", file=file))
+
+
+def _model_recipes(raw, at, recipes: dict[str, Recipe], coreml: CoreMLOptions, *, file) -> tuple[Recipe, ...]:
+    """The recipes a model picks (``recipes = ["lut4", ...]``), each checked against its deployment target."""
+    if "recipes" not in raw:
+        return ()
+    names = _str_list(raw["recipes"], file=file, field=f"{at}.recipes", allowed=tuple(recipes))
+    if coreml.compression != "none":
+        raise ExportError(f"coreml.compression = {coreml.compression!r} compresses inside the conversion; recipes "
+                          "compress the float package in their own step: drop coreml.compression (or set it to "
+                          "\"none\") and name a recipe in [tool.export.recipes] instead", file=file, field=f"{at}.coreml.compression")
+    for j, n in enumerate(names):
+        recipes[n].check_target(coreml.minimum_deployment_target, file=file, field=f"{at}.recipes[{j}]")
+    return tuple(recipes[n] for n in names)
+
+
+def _metadata(raw, at, *, file) -> tuple[tuple[str, str], ...]:
+    _expect(raw, dict, file=file, field=at, what="a table")
+    unknown = sorted(set(raw) - set(METADATA_KEYS))
+    if unknown:
+        raise ExportError(f"unknown key(s) {unknown}; known: {list(METADATA_KEYS)}", file=file, field=f"{at}.{unknown[0]}")
+    return tuple((k, _expect(raw[k], str, file=file, field=f"{at}.{k}", what="a string")) for k in METADATA_KEYS if k in raw)

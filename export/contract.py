@@ -86,6 +86,9 @@ AGGREGATE_SCHEMA = {
         "architecture": {"type": "string"},
         "enumerated_T": {"type": "object", "additionalProperties": {"type": "array", "items": _T}},
         "functions": {"type": "object", "additionalProperties": CONTRACT_SCHEMA},
+        "files": {"type": "object", "additionalProperties": {  # files shipped beside the bundle (a tokenizer)
+            "type": "object", "required": ["file", "digest"], "additionalProperties": False,
+            "properties": {"file": {"type": "string"}, "digest": {"type": "string"}}}},
     },
 }
 

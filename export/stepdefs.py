@@ -39,6 +39,8 @@ STEPS: dict[str, Step] = {s.name: s for s in (
          ("exported_program", "torchscript", "contract")),
     Step("convert_coreml", "export.runner.steps.convert_coreml", ("torch", "coremltools", "numpy"), False, 500, 5,
          ("package", "manifest")),
+    Step("compress_coreml", "export.runner.steps.compress_coreml", ("torch", "coremltools", "numpy"), False, 500, 4,
+         ("package", "manifest", "quality")),
     Step("verify_coreml", "export.runner.steps.verify_coreml", ("torch", "coremltools", "numpy"), False, 500, 4,
          ("verdict",)),
     Step("bundle_coreml", "export.runner.steps.bundle_coreml", ("torch", "coremltools", "numpy"), False, 400, 2,

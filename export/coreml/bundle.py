@@ -19,12 +19,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .. import atomic
 from .. import contract as contract_mod
 from ..atomic import atomic_path
 from .spec import check_spec
-from ..digest import bytes_digest
+from ..digest import bytes_digest, file_digest
 from ..errors import ExportError, cli_errors
-from .mlpackage import METADATA_PREFIX, canonicalize, package_digest, read_spec
+from .mlpackage import METADATA_PREFIX, canonicalize, package_digest, read_spec, set_model_metadata
 from ..stepdefs import STEPS
 from ..toolchain import versions
 
@@ -57,9 +58,18 @@ def _options(package: Path) -> str:
     return read_spec(package).description.metadata.userDefined.get(METADATA_PREFIX + "options", "{}")
 
 
-def bundle(packages: list[Path], contracts: list[Path], out: Path, contract_out: Path | None = None) -> dict:
+def _recipe(package: Path) -> str:
+    return read_spec(package).description.metadata.userDefined.get(METADATA_PREFIX + "recipe", "")
+
+
+def bundle(packages: list[Path], contracts: list[Path], out: Path, contract_out: Path | None = None, *,
+           model_metadata: dict[str, str] | None = None, files: list[Path] = (), files_out: Path | None = None) -> dict:
     """Merge ``packages`` (with their per-(mode, T) ``contracts``, same order) into ``out``; write the
-    aggregate contract to ``contract_out`` (default ``contract.json`` beside ``out``); return it."""
+    aggregate contract to ``contract_out`` (default ``contract.json`` beside ``out``); return it.
+
+    ``model_metadata``: the package's own fields (author, license, version, short_description), set after
+    the merge (``save_multifunction`` drops them). ``files``: copied into ``files_out`` (the tokenizer and
+    generation config of a transformers model) and listed with their digests under ``files``."""
     import coremltools as ct
 
     out = Path(out)
@@ -68,6 +78,8 @@ def bundle(packages: list[Path], contracts: list[Path], out: Path, contract_out:
         raise ExportError(f"the output must be a .mlpackage folder, got {out.name!r}", file=out, field="--out")
     entries = _inputs([Path(p) for p in packages], [Path(c) for c in contracts])
     agg = contract_mod.aggregate([c for _, _, c in entries])
+    if files:
+        agg["files"] = {Path(f).name: {"file": Path(f).name, "digest": file_digest(Path(f))} for f in files}
     contract_mod.validate(agg, file=contract_out, aggregate=True)
     desc = ct.utils.MultiFunctionDescriptor()
     for name, pkg, _ in entries:
@@ -78,6 +90,7 @@ def bundle(packages: list[Path], contracts: list[Path], out: Path, contract_out:
         METADATA_PREFIX + "checkpoint_digest": entries[0][2]["checkpoint"]["digest"],
         METADATA_PREFIX + "toolchain": json.dumps(versions(STEPS["bundle_coreml"].tools), sort_keys=True),
         METADATA_PREFIX + "options": _options(entries[0][1]),
+        **({METADATA_PREFIX + "recipe": _recipe(entries[0][1])} if _recipe(entries[0][1]) else {}),
         METADATA_PREFIX + "functions": ",".join(name for name, _, _ in entries),
     }
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".merge", dir=_parent(out)))
@@ -94,7 +107,9 @@ def bundle(packages: list[Path], contracts: list[Path], out: Path, contract_out:
         try:
             with atomic_path(out, is_dir=True) as tmp:
                 shutil.copytree(merged, tmp, dirs_exist_ok=True)
-                canonicalize(tmp, meta)
+                spec = read_spec(tmp)
+                set_model_metadata(spec, model_metadata or {})
+                canonicalize(tmp, meta, spec=spec)
                 spec = read_spec(tmp)
                 for name, _, c in entries:
                     check_spec(c, spec, file=out, function=name)
@@ -103,6 +118,9 @@ def bundle(packages: list[Path], contracts: list[Path], out: Path, contract_out:
             raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    for f in files:
+        dest = Path(files_out or out.parent) / Path(f).name
+        atomic.write_bytes(dest, Path(f).read_bytes())
     contract_mod.write(contract_out, agg, aggregate=True)
     return agg
 

@@ -38,6 +38,17 @@ def read_spec(package: Path | str):
     return spec
 
 
+MODEL_METADATA_FIELDS = {"author": "author", "license": "license", "version": "versionString",
+                         "short_description": "shortDescription"}  # config key -> the spec's metadata field
+
+
+def set_model_metadata(spec, fields: dict[str, str]) -> None:
+    """Set the package's own metadata fields (``[tool.export.models.metadata]``: author, license, version,
+    short_description) on ``spec``. Plain strings: the bytes stay a function of the config."""
+    for key, value in fields.items():
+        setattr(spec.description.metadata, MODEL_METADATA_FIELDS[key], value)
+
+
 def _conversion_date() -> str | None:
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     if not epoch:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .. import atomic
+from .recipe_report import recipe_tables, to_html as recipes_html
 from . import history, timeline
 
 STATUSES = ("built", "restored", "up-to-date", "failed", "not-run")
@@ -54,6 +55,7 @@ def build_report(artifacts: Path, record: dict, state: Path | None = None) -> di
         "steps": steps,
         "tasks": rows,
         "models": models(artifacts),
+        "recipes": recipe_tables(artifacts),  # export/planner/recipe_report.py
         "timeline": timeline.trace(record),
         "trends": history.trends(history.builds(state)) if state is not None else {},
         "history": _history_counts(state),
@@ -161,7 +163,7 @@ def to_html(report: dict) -> str:
                      f"<td class='{_e(r['status'])}'>{_e(r['status'])}</td>"
                      f"<td class=n>{'' if secs is None else f'{secs:.1f}'}</td><td>{bar}</td>"
                      f"<td class=n>{peak}</td><td class=n>{_mb(r['bytes'])}</td></tr>")
-    parts.append("</table><h2>Models</h2>")
+    parts.append("</table>" + recipes_html(report.get("recipes") or {}) + "<h2>Models</h2>")
     if not report["models"]:
         parts.append("<p class=muted>No model contract yet (the bundles have not been built).</p>")
     for name, contract in report["models"].items():

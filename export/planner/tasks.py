@@ -130,7 +130,7 @@ def setup(dodo_file: str, argv: list[str]) -> dict:
         "backend": "sqlite3",
         "check_file_uptodate": ContentChecker,
         "reporter": BuildReporter.writing_to(S.config.artifacts / LAST_BUILD, state, S.config),
-        "default_tasks": ["checkpoint", "export_pytorch", "convert_coreml", "verify_coreml", "bundle_coreml",
+        "default_tasks": ["checkpoint", "export_pytorch", "convert_coreml", "verify_coreml", "compress_coreml", "bundle_coreml",
                           "prune_artifacts"],
         "verbosity": 1,
     }
@@ -326,7 +326,7 @@ def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], 
         return TaskFailed(f"error: {pyproject}: tool.export.cache.remote: steps on the Dask cluster at {address} "
                           "need a shared cache that the workers reach and the build may write (a directory they "
                           "all mount, or s3://...)")
-    input_rels = [*inputs, *(rel(Path(p)) for p in kwargs.get("packages", ()))]
+    input_rels = [*inputs, *(rel(Path(p)) for p in _package_inputs(kwargs))]
     digests = {rel: _stat().any(root / rel) for rel in input_rels}
     inputs_key = "in-" + bytes_digest(json.dumps(digests, sort_keys=True).encode())
     if not cache.remote_has(inputs_key):
@@ -368,10 +368,16 @@ def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], 
     return values
 
 
+def _package_inputs(kwargs: dict) -> list[str]:
+    """The package folders a step reads (a bundle's packages, the float package a recipe compresses): doit
+    depends on their manifests, the step on the folders."""
+    return [*kwargs.get("packages", ()), *([kwargs["package"]] if "package" in kwargs else [])]
+
+
 def input_bytes(kwargs: dict, inputs: list[str]) -> int:
     """The bytes a step reads: its input files, and the packages a bundle merges."""
     data = sum(_size(S.config.root / rel) for rel in inputs if (S.config.root / rel).exists())
-    return data + sum(_size(Path(p)) for p in kwargs.get("packages", ()) if Path(p).exists())
+    return data + sum(_size(Path(p)) for p in _package_inputs(kwargs) if Path(p).exists())
 
 
 def need_mb(step: str, kwargs: dict, inputs: list[str]) -> int:
@@ -458,6 +464,29 @@ def package_path(m, mode, T) -> Path:
     return model_dir(m) / "coreml" / f"{entry_name(mode, T)}.mlpackage"
 
 
+def compressed_path(m, mode, T, recipe: str) -> Path:
+    return model_dir(m) / "coreml" / f"{entry_name(mode, T)}.{recipe}.mlpackage"
+
+
+def quality_path(m, mode, T, recipe: str) -> Path:
+    return model_dir(m) / "coreml" / f"{entry_name(mode, T)}.{recipe}.quality.json"
+
+
+def recipe_bundle_path(m, recipe: str) -> Path:
+    return model_dir(m) / f"{m.name}.{recipe}.mlpackage"
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def tokenizer_files(m) -> list[Path]:
+    """The tokenizer and generation config in an hf-causal-lm model's folder, as present (shipped beside the bundle)."""
+    if m.architecture != "hf-causal-lm" or m.is_demo:
+        return []
+    folder = S.config.root / m.checkpoint
+    return [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
+
+
 def verdict_path(m, mode, T) -> Path:
     return model_dir(m) / "coreml" / f"{entry_name(mode, T)}.verify.json"
 
@@ -533,6 +562,33 @@ def task_convert_coreml():
     yield from _groups("convert_coreml", "convert", by_T)
 
 
+def task_compress_coreml():
+    """Compress one converted float package by one recipe (export/recipes.py) and measure its quality."""
+    for m in S.config.models:
+        for recipe in m.recipes:
+            for mode, T in m.leaves():
+                files, contract = export_paths(m, mode, T)
+                pkg, out, quality = package_path(m, mode, T), compressed_path(m, mode, T, recipe.name), \
+                    quality_path(m, mode, T, recipe.name)
+                kwargs = {"package": str(pkg), "exported": str(files["exported_program"]) if "exported_program" in files
+                          else str(files[m.convert_from]), "contract": str(contract), "recipe": recipe.to_json(),
+                          "out": str(out), "quality": str(quality)}
+                task = _task("compress_coreml", f"{leaf(m, mode, T)}.{recipe.name}",
+                             f"{m.name} {mode} T={T}: compressed by recipe {recipe.name}, quality measured",
+                             kwargs, {"recipe": recipe.to_json()}, [out, manifest_of(out), quality],
+                             [manifest_of(out), quality],
+                             file_dep=[manifest_of(pkg), Path(kwargs["exported"]), contract])
+                task["actions"].append((_quality_values, [quality]))  # the figures reach last_build.json
+                yield task
+
+
+def _quality_values(path: Path) -> dict:
+    try:
+        return {"quality": json.loads(Path(path).read_text())}
+    except (OSError, ValueError):
+        return {}
+
+
 def task_verify_coreml():
     """Run each package in the reference interpreter against its ExportedProgram (export/coreml/verify.py), and
     each function of a bundle against its leaf package; the verdict (max abs and relative error per output)
@@ -569,14 +625,33 @@ def task_bundle_coreml():
         contracts = [export_paths(m, mode, T)[1] for mode, T in m.leaves()]
         out = model_dir(m) / f"{m.name}.mlpackage"
         contract_out = model_dir(m) / "contract.json"
+        shipped = tokenizer_files(m)
         kwargs = {"packages": [str(p) for p in pkgs], "contracts": [str(c) for c in contracts], "out": str(out),
                   "contract_out": str(contract_out)}
         key = {"functions": [entry_name(mode, T) for mode, T in m.leaves()]}
+        extra = {}
+        if m.metadata:
+            extra["metadata"] = dict(m.metadata)
+        if shipped:
+            extra["files"] = [str(f) for f in shipped]
+            extra["files_out"] = str(model_dir(m))
+        kwargs.update(extra)
+        key.update({k: v for k, v in (("metadata", extra.get("metadata")),) if v})
         verdicts = [verdict_path(m, mode, T) for mode, T in m.leaves()] if verified(m) else []
         yield _task("bundle_coreml", m.name, f"{m.name}: one multifunction package of {len(pkgs)} functions",
-                    kwargs, key, [out, manifest_of(out), contract_out], [manifest_of(out), contract_out],
-                    file_dep=[manifest_of(p) for p in pkgs] + contracts + verdicts)  # a leaf that fails its
-        # verification stops its bundle
+                    kwargs, key, [out, manifest_of(out), contract_out, *(model_dir(m) / f.name for f in shipped)],
+                    [manifest_of(out), contract_out, *(model_dir(m) / f.name for f in shipped)],
+                    file_dep=[manifest_of(p) for p in pkgs] + contracts + shipped + verdicts)  # a leaf that fails its verification stops its bundle
+        for recipe in m.recipes:  # one bundle per recipe, of its compressed packages
+            cpkgs = [compressed_path(m, mode, T, recipe.name) for mode, T in m.leaves()]
+            rout = recipe_bundle_path(m, recipe.name)
+            rcontract = model_dir(m) / f"{m.name}.{recipe.name}.contract.json"
+            rkwargs = {"packages": [str(p) for p in cpkgs], "contracts": [str(c) for c in contracts], "out": str(rout),
+                       "contract_out": str(rcontract), **({"metadata": dict(m.metadata)} if m.metadata else {})}
+            yield _task("bundle_coreml", f"{m.name}.{recipe.name}",
+                        f"{m.name}: one multifunction package of {len(cpkgs)} functions, recipe {recipe.name}",
+                        rkwargs, {**key, "recipe": recipe.name}, [rout, manifest_of(rout), rcontract],
+                        [manifest_of(rout), rcontract], file_dep=[manifest_of(p) for p in cpkgs] + contracts)
 
 
 def onnx_path(m, mode, T) -> Path:
@@ -604,8 +679,15 @@ def _expected_outputs() -> set[Path]:
             files, contract = export_paths(m, mode, T)
             pkg = package_path(m, mode, T)
             out.update([*files.values(), contract, pkg, manifest_of(pkg), onnx_path(m, mode, T), verdict_path(m, mode, T)])
+            for recipe in m.recipes:
+                cpkg = compressed_path(m, mode, T, recipe.name)
+                out.update([cpkg, manifest_of(cpkg), quality_path(m, mode, T, recipe.name)])
         bundle = model_dir(m) / f"{m.name}.mlpackage"
         out.update([bundle, manifest_of(bundle), model_dir(m) / "contract.json", bundle_verdict_path(m)])
+        out.update(model_dir(m) / f.name for f in tokenizer_files(m))
+        for recipe in m.recipes:
+            rb = recipe_bundle_path(m, recipe.name)
+            out.update([rb, manifest_of(rb), model_dir(m) / f"{m.name}.{recipe.name}.contract.json"])
     return out
 
 
