@@ -196,6 +196,8 @@ def _inside(p: Path, folder: Path) -> bool:
 def _artifacts_folder(artifacts: Path, *, root: Path, file, keep: list[Path]) -> Path:
     """The artifacts folder, resolved: a folder of its own inside the project, holding none of its files."""
     at = "tool.export.artifacts"
+    if "\0" in str(artifacts):
+        raise ExportError("not a folder name (it holds a NUL character)", file=file, field=at)
     resolved = Path(os.path.realpath(artifacts))
     if not _inside(resolved, root) or resolved == root:
         where = "the project folder itself" if resolved == root else f"{resolved}, outside the project folder {root}"
@@ -211,6 +213,8 @@ def _artifacts_folder(artifacts: Path, *, root: Path, file, keep: list[Path]) ->
 
 
 def _outside_artifacts(p: Path, artifacts: Path, *, file, field: str, what: str) -> None:
+    if "\0" in str(p):
+        raise ExportError("not a file name (it holds a NUL character)", file=file, field=field)
     if _inside(Path(os.path.realpath(p)), artifacts):
         raise ExportError(f"{what} ({p}) is inside the artifacts folder {artifacts}: the build writes and prunes "
                           "there; keep inputs outside it", file=file, field=field)

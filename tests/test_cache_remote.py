@@ -122,7 +122,7 @@ def test_s3_put_then_read_through(s3, tmp_path):
     machine_a, logs_a = s3_cache(tmp_path / "local_a", url)
     machine_a.put("k1", a, OUTS, {"task": "t"})
     keys = fs.find(url)
-    assert len([k for k in keys if "/cas/" in k]) == 3 and len([k for k in keys if "/ac/" in k]) == 1
+    assert len([k for k in keys if "/cache/cas/" in k]) == 3 and len([k for k in keys if "/cache/ac/" in k]) == 1
     assert not [k for k in keys if "/tmp/" in k]
 
     machine_b, logs_b = s3_cache(tmp_path / "local_b", url)

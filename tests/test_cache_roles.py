@@ -18,7 +18,8 @@ shape_set = "tiny"
 """
 STEPS = {"checkpoint:judge", "export_pytorch:student.prefill.T16", "export_pytorch:judge.prefill.T16",
          "convert_coreml:student.prefill.T16", "convert_coreml:judge.prefill.T16", "bundle_coreml:student",
-         "bundle_coreml:judge"}
+         "bundle_coreml:judge", "verify_coreml:student.prefill.T16", "verify_coreml:judge.prefill.T16",
+         "verify_coreml:student", "verify_coreml:judge"}
 
 
 def _config(p, artifacts: str) -> None:

@@ -215,7 +215,8 @@ def test_doit_builds_a_model_folder_and_tracks_its_files(tmp_path):
     project.doit()
     assert project.ran() == {"export_pytorch:llama.prefill.T16", "export_pytorch:llama.decode.T16",
                              "convert_coreml:llama.prefill.T16", "convert_coreml:llama.decode.T16",
-                             "bundle_coreml:llama"}
+                             "verify_coreml:llama.prefill.T16", "verify_coreml:llama.decode.T16",
+                             "bundle_coreml:llama", "verify_coreml:llama"}
     assert (project.root / "artifacts" / "llama" / "llama.mlpackage").is_dir()
     project.doit()
     assert project.ran() == set()

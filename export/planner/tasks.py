@@ -371,7 +371,8 @@ def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], 
 def _package_inputs(kwargs: dict) -> list[str]:
     """The package folders a step reads (a bundle's packages, the float package a recipe compresses): doit
     depends on their manifests, the step on the folders."""
-    return [*kwargs.get("packages", ()), *([kwargs["package"]] if "package" in kwargs else [])]
+    return [*kwargs.get("packages", ()), *(kwargs[k] for k in ("package", "bundle") if k in kwargs),
+            *kwargs.get("leaves", {}).values()]
 
 
 def input_bytes(kwargs: dict, inputs: list[str]) -> int:
