@@ -79,10 +79,17 @@ def error_lines(r: subprocess.CompletedProcess) -> list[str]:
     return [ln.strip() for ln in ((r.stdout or "") + "\n" + (r.stderr or "")).splitlines() if ln.strip().startswith("error:")]
 
 
+def _as_from_a_terminal() -> None:
+    """SIGINT as a terminal's foreground job has it: a test run started in the background (``cmd &`` in a
+    non-interactive shell) passes SIGINT on ignored, and Ctrl-C would then be lost on the build."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def popen_doit(p: Project, *args: str, env: dict | None = None) -> subprocess.Popen:
     """``python -m doit`` in its own process group (so the test can kill the whole group)."""
     return subprocess.Popen([sys.executable, "-m", "doit", *args], cwd=p.root, env=p.env(env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_as_from_a_terminal)
 
 
 def kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
