@@ -157,6 +157,10 @@ def _entries(fs, url) -> int:
     return len([k for k in fs.find(url) if "/ac/" in k])
 
 
+# The tiny project's steps: export, convert, verify the package, bundle, verify the bundle.
+STEPS_RUN = 5
+
+
 @pytest.mark.slow  # four real builds: in CI's slow step
 def test_doit_publishes_restores_and_uploads_late_on_seaweedfs(tiny_project, store, tmp_path):
     url, fs, env = store
@@ -164,13 +168,13 @@ def test_doit_publishes_restores_and_uploads_late_on_seaweedfs(tiny_project, sto
     a = tiny_project.copy(tmp_path / "a")
     r = a.doit(env=remote)
     assert "warning" not in r.stderr, r.stderr
-    assert "3 entries to the shared store" in r.stdout, r.stdout
-    assert _entries(fs, url) == 3
+    assert f"{STEPS_RUN} entries to the shared store" in r.stdout, r.stdout
+    assert _entries(fs, url) == STEPS_RUN
 
     # a fresh checkout with an empty local cache restores every step from the store
     fresh = tiny_project.copy(tmp_path / "fresh")
     fresh.doit(env={**remote, "MODEL_EXPORT_CACHE": str(tmp_path / "fresh-cache")})
-    assert fresh.ran() <= {"prune_artifacts"} and len(fresh.restored()) == 3
+    assert fresh.ran() <= {"prune_artifacts"} and len(fresh.restored()) == STEPS_RUN
     assert fresh.artifact_digests() == a.artifact_digests()
 
     # an outage: one warning, entries kept locally; the next build that uses the store uploads them
@@ -183,5 +187,5 @@ def test_doit_publishes_restores_and_uploads_late_on_seaweedfs(tiny_project, sto
     assert _entries(fs, url) == 0
     (down.root / "artifacts/student/student.mlpackage.manifest.json").unlink()  # something for the next build to do
     r = down.doit(env=remote)
-    assert "remote cache: uploaded 3 entries" in r.stderr, r.stderr
-    assert _entries(fs, url) == 3
+    assert f"remote cache: uploaded {STEPS_RUN} entries" in r.stderr, r.stderr
+    assert _entries(fs, url) == STEPS_RUN
