@@ -157,6 +157,50 @@ def export_entry(ck: Loaded, model: torch.nn.Module, out_dir: Path, *, model_nam
     return data
 
 
+def export_part(checkpoint: Path | str, part: dict, out_dir: Path, *, model_name: str, mode: str, T: int,
+                formats: list[str], dtype: str = "fp32", kv_cache: str = "explicit", loaded=None, keep=None) -> dict:
+    """Export one part of a parted model (export/parts.py) at one (mode, T): its files and its contract, which
+    names the part, its layers and its place in the chain. ``part``: ``Part.to_json()`` plus ``digest`` (its
+    tensors' and the config's, export/parts.py ``part_digest``: the contract's checkpoint digest).
+    ``loaded``: (architecture, config, module) of this part, if the caller has it (export/runner/checkpoints.py)."""
+    from .checkpoint import load_part
+    from .models.decoder_lm import PartSpec, part_example_inputs, part_io, wrap_part
+
+    arch, config, module = loaded or load_part(checkpoint, part)
+    if mode not in arch.modes:
+        raise ExportError(f"architecture {arch.name!r} has no mode {mode!r}; it has {list(arch.modes)}", file=checkpoint,
+                          field="mode")
+    shape_sets.check_ts([T], file=checkpoint, field="T", max_positions=arch.max_positions(config))
+    spec_part, dt = PartSpec.from_json(part), DTYPES[dtype]
+    d, hidden = module.dims, arch.hidden_size(config)
+    spec = part_io(d, hidden, spec_part, mode, T, _dtype_name(dtype), kv_cache=kv_cache)
+    example = part_example_inputs(d, hidden, spec_part, mode, T, dt, torch.Generator().manual_seed(EXAMPLE_SEED),
+                                  kv_cache=kv_cache)
+    typed = module if dt == torch.float32 else copy.deepcopy(module).to(dt)
+    wrapper = wrap_part(typed, mode, kv_cache=kv_cache, T=T).eval()
+    stem = contract.entry_name(mode, T)
+    blobs = {}
+    with torch.no_grad():
+        for fmt in formats:
+            blobs[fmt] = export_program(wrapper, example, keep) if fmt == "exported_program" else EXPORTERS[fmt](wrapper, example)
+    data = {
+        "schema": contract.SCHEMA, "schema_version": contract.SCHEMA_VERSION,
+        "model": model_name, "architecture": arch.name, "mode": mode, "T": T,
+        "dtype": _dtype_name(dtype),
+        "inputs": [t.to_json() for t in spec.inputs], "outputs": [t.to_json() for t in spec.outputs],
+        "states": [t.to_json() for t in spec.states], "kv_cache": "state" if spec.states else "explicit",
+        "exports": {fmt: {"file": stem + contract.FORMATS[fmt], "digest": bytes_digest(b)} for fmt, b in blobs.items()},
+        "checkpoint": {"digest": part["digest"]},
+        "part": contract.part_entry(part, vocab=d.vocab_size),
+        "toolchain": versions(STEPS["export_pytorch"].tools + arch.tools),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for fmt, blob in blobs.items():
+        atomic.write_bytes(out_dir / (stem + contract.FORMATS[fmt]), blob)
+    contract.write(out_dir / f"{stem}.contract.json", data)  # last: the contract commits the entry
+    return data
+
+
 def export_model(checkpoint: Path | str, out_dir: Path | str, *, modes: list[str] | None = None,
                  enumerated_T: list[int] | dict[str, list[int]] | None = None,
                  formats: list[str] = tuple(contract.FORMATS), dtype: str = "fp32",

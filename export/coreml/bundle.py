@@ -125,6 +125,26 @@ def bundle(packages: list[Path], contracts: list[Path], out: Path, contract_out:
     return agg
 
 
+def write_chain(chain: list[dict], contract_out: Path, *, model: str, architecture: str, files: list[Path] = (),
+                files_out: Path | None = None) -> dict:
+    """A parted model's contract.json: its parts in chain order (``chain``: each part's aggregate contract path,
+    its bundle's and its contract's names relative to the model folder), with what feeds what; the tokenizer
+    files (``files``) copied beside it and listed with their digests."""
+    parts = [(contract_mod.read(Path(link["contract"]), aggregate=True), link["bundle"], link["contract_name"])
+             for link in chain]
+    for agg, _, name in parts:
+        if "part" not in agg:
+            raise ExportError("not the contract of a part", file=name, field="part")
+    data = contract_mod.chain_contract(model, architecture, parts)
+    if files:
+        data["files"] = {Path(f).name: {"file": Path(f).name, "digest": file_digest(Path(f))} for f in files}
+    contract_mod.validate(data, file=contract_out, chain=True)
+    for f in files:
+        atomic.write_bytes(Path(files_out or contract_out.parent) / Path(f).name, Path(f).read_bytes())
+    contract_mod.write(contract_out, data, chain=True)
+    return data
+
+
 def _no_space(e: BaseException, out: Path) -> None:
     """A full disk while merging or copying (shutil.copytree gathers its errors in a list): one clear error."""
     full = f"[Errno {errno.ENOSPC}]"

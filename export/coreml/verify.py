@@ -118,6 +118,8 @@ def seeded_inputs(c: dict, seed: int = SEED) -> dict[str, np.ndarray]:
         elif t["name"] == "position_ids":
             out["position_ids"] = np.arange(shape[-1], dtype=np.int32).reshape(shape) if c["mode"] == "prefill" \
                 else np.full(shape, 0, np.int32)
+        elif t["name"] == "hidden_in":  # a part of a chain: hidden states from the part before
+            out["hidden_in"] = rng.standard_normal(shape).astype(np.dtype(t["dtype"]))
         elif t["name"] == "attention_mask":
             m = np.ones(shape, np.int32)
             m[..., shape[-1] - shape[-1] // 4:] = 0  # a padded tail
@@ -130,6 +132,8 @@ def seeded_inputs(c: dict, seed: int = SEED) -> dict[str, np.ndarray]:
 
 
 def _vocab(c: dict) -> int:
+    if "part" in c:  # a part of a chain: the whole vocabulary, whichever piece of the logits it gives
+        return int(c["part"]["vocab_size"])
     for t in c["outputs"]:
         if t["name"] == "logits":
             return int(t["shape"][-1])
@@ -205,15 +209,23 @@ def decode_case(program: Program, c: dict, seed: int = SEED, fill: int = DECODE_
     kv = [t for t in (c["states"] or [t for t in c["inputs"] if t["name"] in ("k_cache", "v_cache")])]
     cache = {t["name"]: (rng.standard_normal(t["shape"]) * 2).astype(np.dtype(t["dtype"])) for t in kv}
     stateful = bool(c["states"])
-    for p in range(n):
-        step = {"input_ids": ids[p].reshape(1, 1), "position_ids": np.array([[p]], np.int32)}
+    hidden = {t["name"]: [rng.standard_normal(t["shape"]).astype(np.dtype(t["dtype"])) for _ in range(n + 1)]
+              for t in c["inputs"] if t["name"] == "hidden_in"}  # a part of a chain: the part before's output
+
+    def at(p: int) -> dict:
+        step = {"input_ids": ids[p].reshape(1, 1), "position_ids": np.array([[p]], np.int32),
+                **{name: h[p] for name, h in hidden.items()}}
+        return {t["name"]: step[t["name"]] for t in c["inputs"] if t["name"] in step}
+
+    for p in range(n if kv else 0):
+        step = at(p)
         if stateful:
             program(step, state=cache)
         else:
             out = program({**step, **cache})
             for name, new in (("k_cache", "k_new"), ("v_cache", "v_new")):
                 cache[name][:, :, :, p:p + 1, :] = out[new].astype(cache[name].dtype)
-    inputs = {"input_ids": ids[n].reshape(1, 1), "position_ids": np.array([[n]], np.int32)}
+    inputs = at(n)
     if not stateful:
         inputs.update(cache)
     return inputs, (cache if stateful else {})

@@ -74,9 +74,19 @@ def models(artifacts: Path) -> dict:
     out = {}
     for path in sorted(Path(artifacts).glob("*/contract.json")):
         try:
-            out[path.parent.name] = json.loads(path.read_text())
+            data = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             out[path.parent.name] = {"error": f"{path}: {e}"}
+            continue
+        if "chain" not in data:
+            out[path.parent.name] = data
+            continue
+        for link in data["chain"]:  # a parted model: each part's bundle contract, as <model>.<part>
+            part = path.parent / link.get("contract", "")
+            try:
+                out[f"{path.parent.name}.{link['part']}"] = json.loads(part.read_text())
+            except (OSError, ValueError, KeyError) as e:
+                out[f"{path.parent.name}.{link.get('part')}"] = {"error": f"{part}: {e}"}
     return out
 
 

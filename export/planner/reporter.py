@@ -279,8 +279,9 @@ class BuildReporter(ConsoleReporter):
                 outputs = self.records[n].get("outputs") or (task.values or {}).get("outputs")
                 tasks[n] = _Stamped(task.actions, task.file_dep, {"outputs": outputs} if outputs else {})
             c = self.config
-            noop.write(self.state_path, sys.argv, c.root, c.artifacts, [c.root / "pyproject.toml", c.shape_sets_file],
-                       tasks, self.record_path)
+            from .tasks import stamp_files  # the config files, and the checkpoint files of parted models
+
+            noop.write(self.state_path, sys.argv, c.root, c.artifacts, stamp_files(), tasks, self.record_path)
         except Exception as e:  # the fast path is an optimization: without a stamp the next no-op checks everything
             self.write(f"warning: could not write {self.state_path / 'noop-stamp.bin'}: {e}\n")
 
