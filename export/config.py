@@ -15,6 +15,11 @@ formats = ["exported_program"]     # export formats: exported_program, torchscri
 convert_from = "exported_program"  # which export Core ML converts
 dtype = "fp32"                     # export dtype: fp32 | fp16
 coreml = { compute_precision = "fp16" }   # Core ML options, see export.coreml.options
+# a decoder LM built as a chain of parts (export/parts.py; a safetensors checkpoint); none of these: one whole model
+chunks = 4                         # decoder-layer chunks (or max_part_mb = 900: the fewest chunks whose parts fit)
+embed_part = false                 # the embeddings as a part of their own ("embed")
+head_part = false                  # the final norm and the LM head as a part of their own ("head")
+head_split = "none"                # "auto": logits in pieces of at most 16384 vocabulary rows; or a number of rows
 
 [tool.export.cache]                # optional
 local = "~/.cache/model-export"    # shared by checkouts; $MODEL_EXPORT_CACHE

@@ -357,7 +357,7 @@ def test_sharded_checkpoint_builds_the_same_bytes(tmp_path):
         p = Project.create(root)
         folder = root / "checkpoints" / "llama"
         lm.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
-        (root / "pyproject.toml").write_text(_parted_toml("chunks = 2", "checkpoints/llama").replace(
+        (root / "pyproject.toml").write_text(_parted_toml('chunks = 2\nmodes = ["prefill"]', "checkpoints/llama").replace(
             'architecture = "student"', 'architecture = "hf-causal-lm"'))
         p.set_shape_sets({"tiny": {"prefill": [16]}})
         p.doit("-n", "2")
@@ -365,3 +365,22 @@ def test_sharded_checkpoint_builds_the_same_bytes(tmp_path):
     assert (tmp_path / "sharded" / "checkpoints" / "llama" / parts.INDEX_FILE).is_file()
     single, sharded = built["single"].artifact_digests(), built["sharded"].artifact_digests()
     assert any(k.endswith(".pt2") for k in single) and single == sharded
+
+
+@pytest.mark.slow
+def test_stateful_decode_per_chunk(tmp_path):
+    """kv_cache = "state": each chunk keeps its own layers' K/V as Core ML states; the packages convert for
+    iOS18 and their states after a step match the program's (the reference interpreter)."""
+    p = create_parted(tmp_path / "p")
+    (p.root / "pyproject.toml").write_text(_parted_toml("chunks = 2\nhead_part = true").replace(
+        'coreml = { compute_precision = "fp16" }',
+        'coreml = { compute_precision = "fp16", minimum_deployment_target = "iOS18", kv_cache = "state" }'))
+    p.doit("-n", "2", "verify_coreml:*decode*")
+    art = p.root / "artifacts" / "student"
+    c = json.loads((art / "chunk1" / "exported" / "decode_T16.contract.json").read_text())
+    assert [t["name"] for t in c["inputs"]] == ["hidden_in", "position_ids"]
+    assert c["states"] == [{"name": n, "shape": [2, 1, 2, 16, 8], "dtype": "float16"} for n in ("k_cache", "v_cache")]
+    verdict = json.loads((art / "chunk1" / "coreml" / "decode_T16.verify.json").read_text())
+    assert verdict["ok"] and {"hidden_out", "state k_cache", "state v_cache"} == set(verdict["outputs"])
+    head = json.loads((art / "head" / "exported" / "decode_T16.contract.json").read_text())
+    assert head["states"] == [] and head["kv_cache"] == "explicit"  # no cache in the head: nothing to keep

@@ -541,16 +541,6 @@ def recipe_contract_path(m, recipe: str, part=None) -> Path:
     return unit_dir(m, part) / f"{bundle_stem(m, part)}.{recipe}.contract.json"
 
 
-def stamp_files() -> list[Path]:
-    """Files the fast no-op stamps besides the tasks' own: the config files, and the checkpoint files of parted
-    models (whose parts' keys cover their tensors, not the files: a changed checkpoint must reload the graph)."""
-    out = [S.config.root / "pyproject.toml", S.config.shape_sets_file]
-    for m in S.config.models:
-        if m.parts is not None:
-            out += [Path(f) for f in S.parts[m.name].info.files]
-    return out
-
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 

@@ -9,9 +9,11 @@ from ..outputs import write_package_manifest
 def run(contract_out: str, packages: list[str] = (), contracts: list[str] = (), out: str | None = None,
         metadata: dict | None = None, files: list[str] = (), files_out: str | None = None, chain: list | None = None,
         model: str | None = None, architecture: str | None = None) -> None:
-    from ...coreml.bundle import bundle, write_chain
+    from ...coreml.bundle import bundle
 
     if chain is not None:  # a parted model: contract.json, the chain of its parts' bundles
+        from ...coreml.bundle import write_chain
+
         write_chain(chain, Path(contract_out), model=model, architecture=architecture, files=[Path(f) for f in files],
                     files_out=Path(files_out) if files_out else None)
         return
