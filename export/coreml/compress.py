@@ -27,7 +27,7 @@ from .mlpackage import METADATA_PREFIX, canonicalize, read_spec
 # first match wins; what matches none is "default"
 PART_PATTERNS: tuple[tuple[str, re.Pattern], ...] = (
     ("embeddings", re.compile(r"(^|_)(embed|embed_tokens|tok_embeddings|wte|word_embeddings)_weight")),
-    ("lm_head", re.compile(r"(^|_)(lm_head|output)_weight")),
+    ("lm_head", re.compile(r"(^|_)(lm_head(_\d+)?|output)_weight")),  # lm_head_<i>: a piece of a split head (parts)
     ("attention", re.compile(r"(^|_)(wq|wk|wv|wo|q_proj|k_proj|v_proj|o_proj|qkv_proj|out_proj|qkv|out|dense|query_key_value)_weight")),
     ("ffn", re.compile(r"(^|_)(w_gate|w_up|w_down|gate_proj|up_proj|down_proj|gate_up_proj|fc1|fc2|w1|w2|w3)_weight")),
 )

@@ -74,6 +74,8 @@ def _inputs(c: dict, vocab: int) -> list[tuple]:
                 args.append(torch.from_numpy(rng.integers(0, vocab, size=shape, dtype=np.int32)))
             elif t["name"] == "attention_mask":
                 args.append(torch.ones(shape, dtype=getattr(torch, t["dtype"])))
+            elif t["name"] == "hidden_in":  # a part of a chain (export/parts.py): the part before's hidden states
+                args.append(torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(getattr(torch, t["dtype"])))
             else:
                 args.append(torch.zeros(shape, dtype=getattr(torch, t["dtype"])))
         out.append(tuple(args))
@@ -90,13 +92,14 @@ def measure(float_package: Path, package: Path, exported: Path, contract: Path) 
     reference = _program_with(ep, float_weights, float_package)
     candidate = _program_with(ep, dense_weights(package), package)
     out_names = [t["name"] for t in c["outputs"]]
-    main = "logits" if "logits" in out_names else out_names[0]
-    vocab = _vocab(float_weights)
+    pieces = [n for n in out_names if n == "logits" or re.fullmatch(r"logits_\d+", n)]  # a split head: its pieces
+    main = "logits" if pieces else out_names[0]
+    vocab = int(c["part"]["vocab_size"]) if "part" in c else _vocab(float_weights)  # a part may hold no embeddings
     errs, agree, kls, n = [], 0, [], 0
     with torch.no_grad():
         for args in _inputs(c, vocab):
-            a = _main(reference(*args), out_names, main).float()
-            b = _main(candidate(*args), out_names, main).float()
+            a = _main(reference(*args), out_names, main, pieces).float()
+            b = _main(candidate(*args), out_names, main, pieces).float()
             errs.append((a - b).abs().flatten())
             if main == "logits":
                 a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
@@ -126,8 +129,10 @@ def _vocab(weights: dict[str, np.ndarray]) -> int:
     return int(min(rows))
 
 
-def _main(result, names: list[str], main: str):
+def _main(result, names: list[str], main: str, pieces: list[str] = ()):
     if isinstance(result, (tuple, list)):
+        if main == "logits" and "logits" not in names:  # logits_0 .. logits_k, concatenated as the app does
+            return torch.cat([result[names.index(n)] for n in pieces], dim=-1)
         return result[names.index(main)]
     return result
 
