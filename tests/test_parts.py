@@ -384,3 +384,23 @@ def test_stateful_decode_per_chunk(tmp_path):
     assert verdict["ok"] and {"hidden_out", "state k_cache", "state v_cache"} == set(verdict["outputs"])
     head = json.loads((art / "head" / "exported" / "decode_T16.contract.json").read_text())
     assert head["states"] == [] and head["kv_cache"] == "explicit"  # no cache in the head: nothing to keep
+
+
+def test_a_lying_header_of_a_parted_checkpoint_is_one_error_line(parted_project, tmp_path):
+    """The parts are planned from the header before any step: offsets beyond the file are refused, naming the
+    file and the tensor, and nothing is built."""
+    p = parted_project.copy(tmp_path / "p")
+    (p.root / "pyproject.toml").write_text(_parted_toml("chunks = 2"))
+    ck = p.root / "checkpoints" / "student.safetensors"
+    data = ck.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["blocks.1.wq.weight"]["data_offsets"][1] += 4  # 4 bytes more than dtype x shape, past the others
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    ck.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
+    r = p.doit("list", check=False)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"error: {ck}: header.blocks.1.wq.weight: "), lines[0]
+    assert not (p.root / "artifacts").exists()
