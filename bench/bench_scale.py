@@ -75,8 +75,13 @@ SPECS = {
         hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
         intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=131072,
         rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu", head_dim=128)},
+    # not a published model: a smoke test of the benchmark itself (seconds, not minutes)
+    "toy": {"config_class": "LlamaConfig", "dtype": "float32", "shard_mb": None, "config": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=256, tie_word_embeddings=True, max_position_embeddings=4096)},
 }
 SEED = 0
+DEMO = "demo"
 INDEX = "model.safetensors.index.json"
 
 
@@ -263,8 +268,9 @@ class TreeSampler:
         return round(self.peak / 2**20, 1)
 
 
-def measure(cmd: list[str], cwd: Path, env: dict, log: Path | None = None) -> dict:
-    """Wall seconds and peak tree RSS of a command; its output to ``log`` (or kept, last 4000 chars)."""
+def measure(cmd: list[str], cwd: Path, env: dict, log: Path | None = None, check: bool = True) -> dict:
+    """Wall seconds and peak tree RSS of a command; its output to ``log`` (or kept, last 4000 chars).
+    ``check`` False: a failure is recorded (``returncode``, the output's error lines), not raised."""
     t = time.perf_counter()
     out = open(log, "w") if log else subprocess.PIPE
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
@@ -275,9 +281,11 @@ def measure(cmd: list[str], cwd: Path, env: dict, log: Path | None = None) -> di
     if log:
         out.close()
         text = log.read_text()
-    if proc.returncode != 0:
+    if proc.returncode != 0 and check:
         raise SystemExit(f"error: {' '.join(cmd)} failed ({proc.returncode}):\n{text[-4000:]}")
-    return {"wall_s": round(wall, 2), "peak_mb": peak, "samples": sampler.samples}
+    failed = [ln for ln in text.splitlines() if ln.startswith("error:")] if proc.returncode else []
+    return {"wall_s": round(wall, 2), "peak_mb": peak, "samples": sampler.samples, "returncode": proc.returncode,
+            "errors": failed}
 
 
 def disk_bytes(*folders: Path) -> int:
@@ -334,6 +342,10 @@ def make_project(root: Path, checkout: Path, model: str, folder: Path, shapes: d
     root.mkdir(parents=True)
     shutil.copy(checkout / "dodo.py", root / "dodo.py")
     shutil.copytree(checkout / "export", root / "export", ignore=shutil.ignore_patterns("__pycache__"))
+    if model == DEMO:  # the checkout's own demo config: its pyproject.toml and shape sets as they are
+        shutil.copy(checkout / "pyproject.toml", root / "pyproject.toml")
+        shutil.copy(checkout / "shape_sets.json", root / "shape_sets.json")
+        return
     lines = ['[tool.export]', 'artifacts = "artifacts"', 'shape_sets = "shape_sets.json"', '',
              '[[tool.export.models]]', f'name = "{re.sub(r"[^A-Za-z0-9_-]", "_", model)}"',
              'architecture = "hf-causal-lm"', f'checkpoint = "{folder}"', 'shape_set = "scale"',
@@ -367,17 +379,18 @@ def run_build(checkout: Path, model: str, folder: Path, shapes: dict, extra: lis
     cmd = [py, "-m", "doit", *(["-n", str(jobs)] if jobs > 1 else []), *targets]
     log = work / f"build-{label}.log"
     print(f"[{label}] {' '.join(cmd)} in {root} (log {log})", flush=True)
-    res = measure(cmd, root, env, log)
+    res = measure(cmd, root, env, log, check=False)  # a failed build (a step out of memory) is a result too
     record = build_record(root)
     tasks = {}
     for name, r in sorted(record.get("tasks", {}).items()):
-        if r.get("status") in (None, "up-to-date"):
+        if r.get("status") in (None, "up-to-date", "not-run"):
             continue
         tasks[name] = {k: r.get(k) for k in ("status", "seconds", "peak_mb", "reserved_mb", "input_bytes")}
     art, cache = root / "artifacts", root / ".cache"
     out = {
         "checkout": str(checkout), "commit": _git(checkout, "rev-parse", "HEAD"), "python": py,
         "command": cmd, "config_lines": extra, "wall_s": res["wall_s"], "peak_tree_mb": res["peak_mb"],
+        "returncode": res["returncode"], "errors": res["errors"],
         "rss_samples": res["samples"], "tasks": tasks,
         "disk": {"artifacts_bytes": disk_bytes(art), "cache_bytes": disk_bytes(cache),
                  "total_bytes": disk_bytes(art, cache)},
@@ -386,7 +399,9 @@ def run_build(checkout: Path, model: str, folder: Path, shapes: dict, extra: lis
     }
     if not keep:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"[{label}] {out['wall_s']} s, peak {out['peak_tree_mb']:.0f} MB, "
+    for e in res["errors"]:
+        print(f"[{label}] {e}", flush=True)
+    print(f"[{label}] {'FAILED ' if res['returncode'] else ''}{out['wall_s']} s, peak {out['peak_tree_mb']:.0f} MB, "
           f"disk {out['disk']['total_bytes'] / 2**30:.2f} GiB", flush=True)
     for name, t in tasks.items():
         print(f"    {name:48} {t['seconds'] or 0:8.1f} s  peak {t['peak_mb'] or 0:8.0f} MB  "
@@ -414,13 +429,14 @@ def worktree_of(ref: str, work: Path) -> tuple[Path, bool]:
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["_write"], ["_describe"]):
+    if argv[:1] in (["_write"], ["_describe"], ["_check"]):
         return _child(argv)
     write_only = argv[:1] == ["write"]
     if write_only:
         argv = argv[1:]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=sorted(SPECS), default="qwen2.5-0.5b")
+    ap.add_argument("--model", choices=[*sorted(SPECS), DEMO], default="qwen2.5-0.5b",
+                    help="a model of published dimensions, or demo: the checkout's own demo config (the tiny end of the ledger)")
     ap.add_argument("--checkout", type=Path, default=REPO, help="the checkout whose doit builds (default: this one)")
     ap.add_argument("--compare", metavar="REF", help="also build with REF (a folder, or a git ref of this repo)")
     ap.add_argument("--leaves", nargs="+", default=DEFAULT_LEAVES, metavar="MODE:T[,T]",
@@ -435,7 +451,12 @@ def main(argv=None) -> None:
     ap.add_argument("--keep", action="store_true", help="keep the build projects (their path is printed)")
     args = ap.parse_args(argv)
 
-    model = ensure_model(args.model, force=args.rewrite)
+    if args.model == DEMO:
+        if write_only or args.config_line or args.leaves != DEFAULT_LEAVES:
+            raise SystemExit("error: --model demo builds the checkout's own demo config: no write, --leaves or --config-line")
+        model = {"parameters": 0, "bytes": 0, "files": [], "folder": ""}
+    else:
+        model = ensure_model(args.model, force=args.rewrite)
     print(f"model {args.model}: {model['parameters'] / 1e9:.3f}B parameters, {model['bytes'] / 2**30:.2f} GiB in "
           f"{len(model['files'])} file(s) at {model['folder']}", flush=True)
     folder = Path(model["folder"])
@@ -453,7 +474,7 @@ def main(argv=None) -> None:
             shutil.rmtree(folder)
         return
 
-    shapes = parse_leaves(args.leaves)
+    shapes = parse_leaves(args.leaves) if args.model != DEMO else "the checkout's shape_sets.json"
     work = Path(tempfile.mkdtemp(prefix="scale-bench-", dir=os.environ.get("MODEL_EXPORT_BENCH_WORK")))
     added = []
     try:
@@ -467,7 +488,7 @@ def main(argv=None) -> None:
         for i, co in enumerate(checkouts):
             label = "reference" if args.compare and i == 0 else "checkout"
             runs[label] = run_build(co, args.model, folder, shapes, args.config_line, args.jobs, args.targets, work, args.keep)
-        data = {"model": {"name": args.model, **SPECS[args.model], **model}, "leaves": shapes, "jobs": args.jobs,
+        data = {"model": {"name": args.model, **SPECS.get(args.model, {}), **model}, "leaves": shapes, "jobs": args.jobs,
                 "targets": args.targets, "runs": runs}
         if args.compare:
             a, b = runs["checkout"], runs["reference"]
