@@ -368,9 +368,9 @@ def build_record(root: Path) -> dict:
     return {}
 
 
-def run_build(checkout: Path, model: str, folder: Path, shapes: dict, extra: list[str], jobs: int,
-              targets: list[str], work: Path, keep: bool) -> dict:
-    label = checkout.name
+def run_build(checkout: Path, model: str, folder: Path | None, shapes: dict, extra: list[str], jobs: int,
+              targets: list[str], work: Path, keep: bool, tag: str | None = None) -> dict:
+    label = tag or checkout.name
     root = work / f"project-{label}"
     make_project(root, checkout, model, folder, shapes, extra)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_EXPORT_")}
@@ -459,7 +459,7 @@ def main(argv=None) -> None:
         model = ensure_model(args.model, force=args.rewrite)
     print(f"model {args.model}: {model['parameters'] / 1e9:.3f}B parameters, {model['bytes'] / 2**30:.2f} GiB in "
           f"{len(model['files'])} file(s) at {model['folder']}", flush=True)
-    folder = Path(model["folder"])
+    folder = Path(model["folder"]) if args.model != DEMO else None  # demo: no folder of ours (never cleaned)
     if write_only:
         if args.check or model.get("sharded"):
             log = Path(tempfile.mkstemp(prefix="scale-check-")[1])
@@ -487,14 +487,15 @@ def main(argv=None) -> None:
                 added.append(ref)
         for i, co in enumerate(checkouts):
             label = "reference" if args.compare and i == 0 else "checkout"
-            runs[label] = run_build(co, args.model, folder, shapes, args.config_line, args.jobs, args.targets, work, args.keep)
+            runs[label] = run_build(co, args.model, folder, shapes, args.config_line, args.jobs, args.targets, work,
+                                    args.keep, tag=f"{i}-{co.name}")
         data = {"model": {"name": args.model, **SPECS.get(args.model, {}), **model}, "leaves": shapes, "jobs": args.jobs,
                 "targets": args.targets, "runs": runs}
         if args.compare:
             a, b = runs["checkout"], runs["reference"]
             data["checkout_over_reference"] = {
                 "wall": round(a["wall_s"] / b["wall_s"], 3), "peak_tree": round(a["peak_tree_mb"] / b["peak_tree_mb"], 3),
-                "disk": round(a["disk"]["total_bytes"] / b["disk"]["total_bytes"], 3)}
+                "disk": round(a["disk"]["total_bytes"] / max(b["disk"]["total_bytes"], 1), 3)}
             print(f"checkout / reference: {data['checkout_over_reference']}", flush=True)
         path = write_result(f"scale-{args.model}", data)
         print(path)
@@ -503,7 +504,7 @@ def main(argv=None) -> None:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(wt)], capture_output=True)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-        if args.clean:
+        if args.clean and folder is not None and folder.parent == MODELS_DIR:
             shutil.rmtree(folder, ignore_errors=True)
 
 
