@@ -416,16 +416,23 @@ def _package_inputs(kwargs: dict) -> list[str]:
             *kwargs.get("leaves", {}).values()]
 
 
+def input_sizes(kwargs: dict, inputs: list[str]) -> list[int]:
+    """The bytes of each thing a step reads: its input files, and the packages a bundle merges."""
+    data = [_size(S.config.root / rel) for rel in inputs if (S.config.root / rel).exists()]
+    if "part" in kwargs:  # a part's export reads its own tensors, not the whole checkpoint (export/parts.py)
+        data.append(int(kwargs["part"].get("bytes", 0)))
+    return data + [_size(Path(p)) for p in _package_inputs(kwargs) if Path(p).exists()]
+
+
 def input_bytes(kwargs: dict, inputs: list[str]) -> int:
     """The bytes a step reads: its input files, and the packages a bundle merges."""
-    data = sum(_size(S.config.root / rel) for rel in inputs if (S.config.root / rel).exists())
-    data += int(kwargs.get("part", {}).get("bytes", 0))  # a part's export: its tensors, not the whole checkpoint
-    return data + sum(_size(Path(p)) for p in _package_inputs(kwargs) if Path(p).exists())
+    return sum(input_sizes(kwargs, inputs))
 
 
 def need_mb(step: str, kwargs: dict, inputs: list[str]) -> int:
     """The memory ``step`` reserves: its record's estimate from the bytes it reads (export/stepdefs.py)."""
-    return STEPS[step].need_mb(input_bytes(kwargs, inputs))
+    sizes = input_sizes(kwargs, inputs)
+    return STEPS[step].need_mb(sum(sizes), max(sizes, default=0))
 
 
 def _ledger():
