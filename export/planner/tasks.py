@@ -326,7 +326,8 @@ def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], 
         return TaskFailed(f"error: {pyproject}: tool.export.cache.remote: steps on the Dask cluster at {address} "
                           "need a shared cache that the workers reach and the build may write (a directory they "
                           "all mount, or s3://...)")
-    input_rels = [*inputs, *(rel(Path(p)) for p in _package_inputs(kwargs))]
+    input_rels = [*inputs, *(rel(Path(p)) for p in _package_inputs(kwargs)),
+                  *(rel(p) for p in _weight_inputs(kwargs) if rel(p) not in inputs)]
     digests = {rel: _stat().any(root / rel) for rel in input_rels}
     inputs_key = "in-" + bytes_digest(json.dumps(digests, sort_keys=True).encode())
     if not cache.remote_has(inputs_key):
@@ -375,9 +376,19 @@ def _package_inputs(kwargs: dict) -> list[str]:
             *kwargs.get("leaves", {}).values()]
 
 
+def _weight_inputs(kwargs: dict) -> list[Path]:
+    """The checkpoint files a step reads the program's weights from (shipped to a Dask worker with its inputs)."""
+    return checkpoint_files.input_files(kwargs["weights"]) if "weights" in kwargs else []
+
+
 def input_bytes(kwargs: dict, inputs: list[str]) -> int:
-    """The bytes a step reads: its input files, and the packages a bundle merges."""
+    """The bytes a step reads: its input files, the packages a bundle merges, and the weights a program
+    reads from its checkpoint (export/weight_refs.py: the bytes it refers to, not the whole checkpoint)."""
+    from ..weight_refs import external_bytes
+
     data = sum(_size(S.config.root / rel) for rel in inputs if (S.config.root / rel).exists())
+    if "weights" in kwargs and "exported" in kwargs:
+        data += external_bytes(kwargs["exported"])
     return data + sum(_size(Path(p)) for p in _package_inputs(kwargs) if Path(p).exists())
 
 
@@ -447,6 +458,13 @@ def model_dir(m) -> Path:
 
 def checkpoint_path(m) -> Path:
     return model_dir(m) / "checkpoint.pt" if m.is_demo else S.config.root / m.checkpoint
+
+
+def program_weights(m, fmt: str) -> dict:
+    """The ``weights`` argument of a step that loads the model's ``fmt`` export: an ExportedProgram written by
+    the build keeps its weights in the checkpoint (export/program_weights.py). Not a key: the ``.pt2``'s
+    bytes hold the digest of every tensor it reads there (export/weight_refs.py), and the loader checks them."""
+    return {"weights": str(checkpoint_path(m))} if fmt == "exported_program" else {}
 
 
 def checkpoint_inputs(m) -> list[Path]:
@@ -555,7 +573,7 @@ def task_convert_coreml():
             files, contract = export_paths(m, mode, T)
             pkg = package_path(m, mode, T)
             kwargs = {"exported": str(files[m.convert_from]), "contract": str(contract), "out": str(pkg),
-                      "options": m.coreml.to_json()}
+                      "options": m.coreml.to_json(), **program_weights(m, m.convert_from)}
             by_T.setdefault(T, []).append(leaf(m, mode, T))
             yield _task("convert_coreml", leaf(m, mode, T), f"{m.name} {mode} T={T}: Core ML package ({m.coreml.compute_precision}, {m.coreml.minimum_deployment_target})",
                         kwargs, {"options": m.coreml.to_json(), "from": m.convert_from}, [pkg, manifest_of(pkg)],
@@ -573,7 +591,8 @@ def task_compress_coreml():
                     quality_path(m, mode, T, recipe.name)
                 kwargs = {"package": str(pkg), "exported": str(files["exported_program"]) if "exported_program" in files
                           else str(files[m.convert_from]), "contract": str(contract), "recipe": recipe.to_json(),
-                          "out": str(out), "quality": str(quality)}
+                          "out": str(out), "quality": str(quality),
+                          **program_weights(m, "exported_program" if "exported_program" in files else m.convert_from)}
                 task = _task("compress_coreml", f"{leaf(m, mode, T)}.{recipe.name}",
                              f"{m.name} {mode} T={T}: compressed by recipe {recipe.name}, quality measured",
                              kwargs, {"recipe": recipe.to_json()}, [out, manifest_of(out), quality],
@@ -602,7 +621,7 @@ def task_verify_coreml():
             files, contract = export_paths(m, mode, T)
             pkg, out = package_path(m, mode, T), verdict_path(m, mode, T)
             kwargs = {"package": str(pkg), "exported": str(files["exported_program"]), "contract": str(contract),
-                      "out": str(out)}
+                      "out": str(out), **program_weights(m, "exported_program")}
             by_T.setdefault(T, []).append(leaf(m, mode, T))
             yield _task("verify_coreml", leaf(m, mode, T), f"{m.name} {mode} T={T}: the package's numbers against the program",
                         kwargs, {}, [out], [out],  # the package's bytes (its manifest) cover its options
@@ -693,9 +712,9 @@ def _expected_outputs() -> set[Path]:
 
 
 # Temporaries of atomic writes (export/atomic.py: .<name>.*.tmp), of cache restores (export/cache/store.py: .restore,
-# .old) and of the bundle's merge (export/coreml/bundle.py: .merge), beside the output they stand for.
+# .old), of an output replaced by a hardlink to its cache blob (export/cache/store.py: .link) and of the bundle's merge (export/coreml/bundle.py: .merge), beside the output they stand for.
 # A full build runs prune_artifacts after every step it runs, under the project lock: none is being written.
-LEFTOVER_SUFFIXES = (".tmp", ".restore", ".old", ".merge")
+LEFTOVER_SUFFIXES = (".tmp", ".restore", ".old", ".merge", ".link")
 COMPACT_BYTES = 1 << 20  # the record of written outputs is compacted past this size
 
 

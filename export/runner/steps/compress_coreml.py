@@ -9,12 +9,13 @@ from ... import atomic
 from ..outputs import write_package_manifest
 
 
-def run(package: str, exported: str, contract: str, recipe: dict, out: str, quality: str) -> None:
+def run(package: str, exported: str, contract: str, recipe: dict, out: str, quality: str,
+        weights: str | None = None) -> None:
     from ...coreml.compress import compress
     from ...coreml.quality import measure
 
     counts = compress(package, out, recipe)
     write_package_manifest(Path(out))
-    figures = measure(Path(package), Path(out), Path(exported), Path(contract))
+    figures = measure(Path(package), Path(out), Path(exported), Path(contract), weights=weights)
     figures["weights_per_part"] = counts
     atomic.write_text(Path(quality), json.dumps(figures, indent=2, sort_keys=True) + "\n")
