@@ -3,9 +3,9 @@
 Every (mode, T) program of a model holds the same weights; saved whole, each ``.pt2`` is a full
 copy of them (16 GB for the 8 leaves of a 0.5B model in fp32). The build instead saves each
 program with every weight that *is* a checkpoint tensor (bit for bit, after the export's dtype
-cast) left out: torch's PT2 archive stores such a weight as an empty record, its shape and dtype
-in the archive's weights config (what ``torch.export.save`` does for fake tensors, and
-``torch.export.load`` reads back as zeros), and export/weight_refs.py's ``REFS_FILE`` lists, per
+cast) left out: the archive holds, in its place, a zero broadcast to the weight's shape (all
+strides 0: one element per dtype in the archive's weights, the shape in its weights config, and
+``torch.export.load`` allocates nothing the weight's size), and export/weight_refs.py's ``REFS_FILE`` lists, per
 weight, the checkpoint tensor, its dtype and shape, and the digest of its bytes. Loading puts the
 checkpoint's tensors back, each checked against its digest; a weight that is not a checkpoint
 tensor (a buffer the model computes) stays in the archive.
@@ -151,16 +151,17 @@ def save(ep, weights: Path | str | None) -> tuple[bytes, int]:
     if not refs:
         torch.export.save(ep, buf)
         return buf.getvalue(), 0
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    zeros: dict[torch.dtype, torch.Tensor] = {}
 
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-
-    def fake(t):
-        f = mode.from_tensor(t.detach())
+    def placeholder(t):
+        # a zero broadcast to the weight's shape (all strides 0): the archive stores one element per dtype,
+        # and loading it allocates nothing the size of the weight
+        z = zeros.setdefault(t.dtype, torch.zeros(1, dtype=t.dtype))
+        f = z.reshape([1] * t.dim()).expand(t.shape) if t.dim() else z.reshape(())
         return torch.nn.Parameter(f, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else f
 
     light = copy.copy(ep)
-    light._state_dict = {k: fake(v) if k in refs else v for k, v in ep.state_dict.items()}
+    light._state_dict = {k: placeholder(v) if k in refs else v for k, v in ep.state_dict.items()}
     body = {"version": VERSION, "tensors": refs}
     torch.export.save(light, buf, extra_files={REFS_FILE: json.dumps(body, indent=1, sort_keys=True)})
     external = sum({(r["tensor"], r["dtype"]): r["nbytes"] for r in refs.values()}.values())
