@@ -133,7 +133,7 @@ def main() -> None:
     before = git("rev-parse", args.before or git("merge-base", "HEAD", "main"))
     after = git("rev-parse", args.after)
     targets = ["convert_coreml"] if args.model == "qwen0.5b" else []
-    tmp = Path(tempfile.mkdtemp(prefix="bench-disk-", dir=REPO.parent if os.access(REPO.parent, os.W_OK) else None))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-disk-"))
     try:
         checkpoint, params = None, None
         if args.model == "qwen0.5b":

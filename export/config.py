@@ -53,7 +53,8 @@ TOP_KEYS = {"artifacts", "shape_sets", "models", "cache", "memory_budget_mb", "d
 CACHE_KEYS = {"local", "remote", "read_only"}
 DASK_KEYS = {"scheduler", "lanes"}
 MODEL_KEYS = {"name", "architecture", "checkpoint", "shape_set", "modes", "formats", "convert_from", "dtype", "coreml",
-              "recipes", "metadata"}
+              "recipes", "metadata", "device_limits"}
+DEVICE_LIMITS = ("warn", "fail")  # what a package over a device limit does (export/coreml/checks.py, device_problems)
 METADATA_KEYS = ("author", "license", "version", "short_description")  # the package's own metadata fields
 
 
@@ -71,6 +72,7 @@ class ModelConfig:
     coreml: CoreMLOptions
     recipes: tuple[Recipe, ...] = ()                 # export/recipes.py: each builds compressed packages + a bundle
     metadata: tuple[tuple[str, str], ...] = ()       # METADATA_KEYS given, in that order
+    device_limits: str = "warn"                      # DEVICE_LIMITS: a package over a device limit warns, or fails
 
     @property
     def is_demo(self) -> bool:
@@ -313,9 +315,13 @@ def _model(raw, i, *, sets, sets_file, file, recipes=None) -> ModelConfig:
                           f"{' or '.join(STATEFUL_TARGETS)}: set coreml.minimum_deployment_target to one of them (got "
                           f"{coreml.minimum_deployment_target!r})", file=file, field=f"{at}.coreml.compression")
     chosen_recipes = _model_recipes(raw, at, recipes or {}, coreml, file=file)
+    device_limits = _expect(raw.get("device_limits", "warn"), str, file=file, field=f"{at}.device_limits")
+    if device_limits not in DEVICE_LIMITS:
+        raise ExportError(f"expected one of {list(DEVICE_LIMITS)}, got {device_limits!r}", file=file, field=f"{at}.device_limits")
     return ModelConfig(name=name, architecture=arch, checkpoint=checkpoint, shape_set=set_name, modes=modes,
                        enumerated_T=enumerated, formats=formats, convert_from=convert_from, dtype=dtype, coreml=coreml,
-                       recipes=chosen_recipes, metadata=_metadata(raw.get("metadata", {}), f"{at}.metadata", file=file))
+                       recipes=chosen_recipes, metadata=_metadata(raw.get("metadata", {}), f"{at}.metadata", file=file),
+                       device_limits=device_limits)
 
 
 def _model_recipes(raw, at, recipes: dict[str, Recipe], coreml: CoreMLOptions, *, file) -> tuple[Recipe, ...]:

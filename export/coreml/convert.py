@@ -32,7 +32,7 @@ import torch
 from .. import contract as contract_mod
 from .. import program_weights
 from ..atomic import atomic_path
-from .checks import check_finite, check_on_device, check_supported
+from .checks import check_device_limits, check_finite, check_on_device, check_supported
 from .options import CHOICES, STATEFUL_TARGETS, CoreMLOptions
 from .spec import check_spec
 from ..digest import file_digest
@@ -201,10 +201,12 @@ def _options(options) -> CoreMLOptions:
 
 def convert(exported: Path | str, out: Path | str, contract_path: Path | str,
             options: CoreMLOptions | dict | None = None, *, log=print, program=None,
-            weights: Path | str | None = None) -> Path:
+            weights: Path | str | None = None, device_limits: str | None = None) -> Path:
     """Convert one exported program to ``out`` (a ``.mlpackage`` folder, written atomically); return ``out``.
 
     ``weights``: the checkpoint whose tensors the ``.pt2`` refers to (export/program_weights.py).
+    ``device_limits``: "fail" refuses, before it appears, a package over a limit of its deployment target's
+    devices (export/coreml/checks.py, ``check_device_limits``).
 
     ``program``: the ExportedProgram whose bytes ``exported`` holds, still in memory (the worker that
     just exported it); it spares loading the file again. Its digest is still checked against the contract.
@@ -235,6 +237,7 @@ def convert(exported: Path | str, out: Path | str, contract_path: Path | str,
     with atomic_path(out, is_dir=True) as tmp:
         shutil.copytree(mlmodel.package_path, tmp, dirs_exist_ok=True)
         canonicalize(tmp, metadata(c, contract_path, opts), spec=spec)
+        check_device_limits(tmp, opts.minimum_deployment_target, device_limits, file=out)
         example = _example(c)
         log(check_on_device(tmp, program, example, c, file=out))
     return out

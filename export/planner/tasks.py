@@ -255,7 +255,7 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
             return {"outputs": restored, "restored": True, "action_key": akey,
                     "sizes": {rel: _size(p) for rel, p in zip(rels, outputs)}, "input_bytes": in_bytes,
                     "lane": lane, "span": [entered, done], "phases": [["cache restore", entered, done]],
-                    **_verdict(step, outputs)}
+                    **_verdict(step, outputs, task_name)}
     looked = time.time()
     log = S.config.root / STATE_DIR / "logs" / f"{task_name.replace(':', '__')}.log"
     need = need_mb(step, kwargs, inputs)
@@ -288,7 +288,7 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
         values["cached"], values["reproducible"] = done.cached, done.reproducible
     if done.uploaded:
         values["uploaded"] = done.uploaded
-    values.update(_verdict(step, outputs))
+    values.update(_verdict(step, outputs, task_name))
     phases = [["cache lookup", entered, looked]]
     if held["waited"]:
         phases.append(["memory wait", *held["waited"]])
@@ -298,14 +298,32 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
     return values
 
 
-def _verdict(step: str, outputs: list[Path]) -> dict:
-    """verify_coreml's verdict (errors per output) for last_build.json and the report."""
+def _verdict(step: str, outputs: list[Path], task_name: str | None = None) -> dict:
+    """verify_coreml's verdict (errors per output) for last_build.json and the report; a package's figures
+    against its devices' limits (``device``, from its manifest), each problem said once on stderr."""
+    if step in ("convert_coreml", "compress_coreml", "bundle_coreml"):
+        return _device(outputs, task_name)
     if step != "verify_coreml":
         return {}
     try:
         return {"verdict": json.loads(Path(outputs[0]).read_text())}
     except (OSError, ValueError):
         return {}
+
+
+def _device(outputs: list[Path], task_name: str | None) -> dict:
+    for p in outputs:
+        if p.name.endswith(".mlpackage"):
+            try:
+                device = json.loads(manifest_of(p).read_text()).get("device")
+            except (OSError, ValueError):
+                return {}
+            if not device:
+                return {}
+            for problem in device.get("problems", ()):
+                print(f"warning: {task_name}: {rel(p)}: {problem['line']}", file=sys.stderr)
+            return {"device": device}
+    return {}
 
 
 def dask_address() -> str | None:
@@ -365,7 +383,7 @@ def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], 
               "input_bytes": in_bytes, "lane": result["worker"], "span": [entered or result["started"], time.time()]}
     if nightly:
         values["cached"], values["reproducible"] = result["cached"], result["reproducible"]
-    values.update(_verdict(step, outputs))
+    values.update(_verdict(step, outputs, task_name))
     return values
 
 
@@ -465,6 +483,18 @@ def program_weights(m, fmt: str) -> dict:
     the build keeps its weights in the checkpoint (export/program_weights.py). Not a key: the ``.pt2``'s
     bytes hold the digest of every tensor it reads there (export/weight_refs.py), and the loader checks them."""
     return {"weights": str(checkpoint_path(m))} if fmt == "exported_program" else {}
+
+
+def device_limits(m) -> dict:
+    """What the steps check a model's packages against (export/coreml/checks.py): its deployment target's
+    devices, and whether a package over a limit warns or fails."""
+    return {"target": m.coreml.minimum_deployment_target, "policy": m.device_limits}
+
+
+def _fail_key(m) -> dict:
+    """``device_limits = "fail"`` keys the steps that check (the step then fails where it passed); the default,
+    "warn", changes nothing they write and keys nothing."""
+    return {"device_limits": "fail"} if m.device_limits == "fail" else {}
 
 
 def checkpoint_inputs(m) -> list[Path]:
@@ -573,10 +603,10 @@ def task_convert_coreml():
             files, contract = export_paths(m, mode, T)
             pkg = package_path(m, mode, T)
             kwargs = {"exported": str(files[m.convert_from]), "contract": str(contract), "out": str(pkg),
-                      "options": m.coreml.to_json(), **program_weights(m, m.convert_from)}
+                      "options": m.coreml.to_json(), **program_weights(m, m.convert_from), "device_limits": device_limits(m)}
             by_T.setdefault(T, []).append(leaf(m, mode, T))
             yield _task("convert_coreml", leaf(m, mode, T), f"{m.name} {mode} T={T}: Core ML package ({m.coreml.compute_precision}, {m.coreml.minimum_deployment_target})",
-                        kwargs, {"options": m.coreml.to_json(), "from": m.convert_from}, [pkg, manifest_of(pkg)],
+                        kwargs, {"options": m.coreml.to_json(), "from": m.convert_from, **_fail_key(m)}, [pkg, manifest_of(pkg)],
                         [manifest_of(pkg)], file_dep=[files[m.convert_from], contract])
     yield from _groups("convert_coreml", "convert", by_T)
 
@@ -592,10 +622,11 @@ def task_compress_coreml():
                 kwargs = {"package": str(pkg), "exported": str(files["exported_program"]) if "exported_program" in files
                           else str(files[m.convert_from]), "contract": str(contract), "recipe": recipe.to_json(),
                           "out": str(out), "quality": str(quality),
-                          **program_weights(m, "exported_program" if "exported_program" in files else m.convert_from)}
+                          **program_weights(m, "exported_program" if "exported_program" in files else m.convert_from),
+                          "device_limits": device_limits(m)}
                 task = _task("compress_coreml", f"{leaf(m, mode, T)}.{recipe.name}",
                              f"{m.name} {mode} T={T}: compressed by recipe {recipe.name}, quality measured",
-                             kwargs, {"recipe": recipe.to_json()}, [out, manifest_of(out), quality],
+                             kwargs, {"recipe": recipe.to_json(), **_fail_key(m)}, [out, manifest_of(out), quality],
                              [manifest_of(out), quality],
                              file_dep=[manifest_of(pkg), Path(kwargs["exported"]), contract])
                 task["actions"].append((_quality_values, [quality]))  # the figures reach last_build.json
@@ -647,8 +678,8 @@ def task_bundle_coreml():
         contract_out = model_dir(m) / "contract.json"
         shipped = tokenizer_files(m)
         kwargs = {"packages": [str(p) for p in pkgs], "contracts": [str(c) for c in contracts], "out": str(out),
-                  "contract_out": str(contract_out)}
-        key = {"functions": [entry_name(mode, T) for mode, T in m.leaves()]}
+                  "contract_out": str(contract_out), "device_limits": device_limits(m)}
+        key = {"functions": [entry_name(mode, T) for mode, T in m.leaves()], **_fail_key(m)}
         extra = {}
         if m.metadata:
             extra["metadata"] = dict(m.metadata)
@@ -667,7 +698,8 @@ def task_bundle_coreml():
             rout = recipe_bundle_path(m, recipe.name)
             rcontract = model_dir(m) / f"{m.name}.{recipe.name}.contract.json"
             rkwargs = {"packages": [str(p) for p in cpkgs], "contracts": [str(c) for c in contracts], "out": str(rout),
-                       "contract_out": str(rcontract), **({"metadata": dict(m.metadata)} if m.metadata else {})}
+                       "contract_out": str(rcontract), **({"metadata": dict(m.metadata)} if m.metadata else {}),
+                       "device_limits": device_limits(m)}
             yield _task("bundle_coreml", f"{m.name}.{recipe.name}",
                         f"{m.name}: one multifunction package of {len(cpkgs)} functions, recipe {recipe.name}",
                         rkwargs, {**key, "recipe": recipe.name}, [rout, manifest_of(rout), rcontract],
