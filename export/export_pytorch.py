@@ -166,7 +166,7 @@ def export_model(checkpoint: Path | str, out_dir: Path | str, *, modes: list[str
                  enumerated_T: list[int] | dict[str, list[int]] | None = None,
                  formats: list[str] = tuple(contract.FORMATS), dtype: str = "fp32",
                  model_name: str | None = None, shape_sets_file: Path | str | None = None,
-                 shape_set: str | None = None, kv_cache: str = "explicit") -> dict:
+                 shape_set: str | None = None, kv_cache: str = "explicit", external_weights: bool = False) -> dict:
     """Export every (mode, T) of a checkpoint; returns the aggregate contract (also written as contract.json).
 
     ``enumerated_T`` is a list (every mode) or a mode -> list mapping; by default
@@ -183,7 +183,7 @@ def export_model(checkpoint: Path | str, out_dir: Path | str, *, modes: list[str
     digest = checkpoint_files.digest(ck.path)
     entries = [
         export_entry(ck, model, out_dir, model_name=name, mode=mode, T=T, formats=list(formats), dtype=dtype,
-                     checkpoint_digest=digest, kv_cache=kv_cache)
+                     checkpoint_digest=digest, kv_cache=kv_cache, external_weights=external_weights)
         for mode in modes for T in per_mode[mode]
     ]
     agg = contract.aggregate(entries)
@@ -253,13 +253,16 @@ def main(argv=None) -> None:
     p.add_argument("--model-name", help="name recorded in the contracts (default: the architecture)")
     p.add_argument("--shape-sets", type=Path, help="shape sets file (default: ./shape_sets.json)")
     p.add_argument("--shape-set", help="which shape set (default: the architecture's name, else 'default')")
+    p.add_argument("--external-weights", action="store_true",
+                   help="save each .pt2 as the build does: its graph, referring to the checkpoint's tensors by digest "
+                        "(convert or verify it with --weights CHECKPOINT); default: self-contained files")
     args = p.parse_args(argv)
     formats = list(contract.FORMATS) if args.format == "both" else [args.format]
     with cli_errors():
         modes = None if args.mode == "both" else [args.mode]
         agg = export_model(args.checkpoint, args.out, modes=modes, enumerated_T=args.enumerated_T, formats=formats,
                            dtype=args.dtype, model_name=args.model_name, shape_sets_file=args.shape_sets,
-                           shape_set=args.shape_set, kv_cache=args.kv_cache)
+                           shape_set=args.shape_set, kv_cache=args.kv_cache, external_weights=args.external_weights)
         for name, c in agg["functions"].items():
             files = ", ".join(e["file"] for e in c["exports"].values())
             print(f"{name}: {files}")
