@@ -23,28 +23,39 @@ class Step:
     need_base_mb: int                # expected peak memory: base + factor x the bytes it reads
     need_factor: float
     outputs: tuple[str, ...]         # the roles of its outputs (the planner places them)
+    need_largest_factor: float | None = None  # the largest input's own factor (None: need_factor)
 
     def tools_for(self, arch: str | None) -> tuple[str, ...]:
         return self.tools + (ARCHITECTURE_TOOLS.get(arch, ()) if self.runs_model_code and arch else ())
 
-    def need_mb(self, input_bytes: int) -> int:
-        """Memory to reserve before running (measured in bench/: a 50M-parameter student peaks near
-        0.85 GB exporting and 1.15 GB converting)."""
-        return int(self.need_base_mb + self.need_factor * input_bytes / 2**20)
+    def need_mb(self, input_bytes: int, largest_bytes: int | None = None) -> int:
+        """Memory to reserve before running: the peak of the worker process while the step runs (what it
+        still holds from earlier steps, the checkpoint it loaded, included).
+
+        Fitted to the peaks bench/bench_scale.py measured (bench/results/scale-*.json; within 25% at
+        0.5B and 1B parameters, tests/test_memory_ledger.py holds them) with the base kept at 400-500 MB,
+        so that the tiny demo's steps reserve about what they take. A bundle's peak grows with the
+        largest package it merges (the program of one function, the worker's loaded checkpoint beside
+        it) much more than with the others (their weights are the same bytes, stored once):
+        ``need_largest_factor`` weighs the largest input and ``need_factor`` the rest."""
+        largest = min(largest_bytes or 0, input_bytes) if self.need_largest_factor is not None else 0
+        rest = input_bytes - largest
+        return int(self.need_base_mb + self.need_factor * rest / 2**20
+                   + (self.need_largest_factor or 0) * largest / 2**20)
 
 
 STEPS: dict[str, Step] = {s.name: s for s in (
     Step("checkpoint", "export.runner.steps.checkpoint", ("torch",), True, 300, 2, ("checkpoint",)),
-    Step("export_pytorch", "export.runner.steps.export_pytorch", ("torch", "numpy"), True, 400, 3,
+    Step("export_pytorch", "export.runner.steps.export_pytorch", ("torch", "numpy"), True, 400, 2,
          ("exported_program", "torchscript", "contract")),
-    Step("convert_coreml", "export.runner.steps.convert_coreml", ("torch", "coremltools", "numpy"), False, 500, 5,
+    Step("convert_coreml", "export.runner.steps.convert_coreml", ("torch", "coremltools", "numpy"), False, 500, 4.2,
          ("package", "manifest")),
     Step("compress_coreml", "export.runner.steps.compress_coreml", ("torch", "coremltools", "numpy"), False, 500, 4,
          ("package", "manifest", "quality")),
     Step("verify_coreml", "export.runner.steps.verify_coreml", ("torch", "coremltools", "numpy"), False, 500, 4,
          ("verdict",)),
-    Step("bundle_coreml", "export.runner.steps.bundle_coreml", ("torch", "coremltools", "numpy"), False, 400, 2,
-         ("package", "manifest", "contract")),
+    Step("bundle_coreml", "export.runner.steps.bundle_coreml", ("torch", "coremltools", "numpy"), False, 400, 1.5,
+         ("package", "manifest", "contract"), need_largest_factor=3.5),
     Step("export_onnx", "export.runner.steps.export_onnx", ("torch", "onnx", "onnxscript", "onnxruntime", "numpy"), True, 400, 4,
          ("onnx",)),
 )}

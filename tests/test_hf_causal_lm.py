@@ -24,6 +24,9 @@ from export.errors import ExportError  # noqa: E402
 from conftest import run_module  # noqa: E402
 from test_models import rollout_logits  # noqa: E402
 
+# Independent tests with no module fixture, most of them a whole export + conversion: either worker.
+pytestmark = pytest.mark.spread
+
 T = 16
 SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)

@@ -399,20 +399,26 @@ def _weight_inputs(kwargs: dict) -> list[Path]:
     return checkpoint_files.input_files(kwargs["weights"]) if "weights" in kwargs else []
 
 
-def input_bytes(kwargs: dict, inputs: list[str]) -> int:
-    """The bytes a step reads: its input files, the packages a bundle merges, and the weights a program
-    reads from its checkpoint (export/weight_refs.py: the bytes it refers to, not the whole checkpoint)."""
+def input_sizes(kwargs: dict, inputs: list[str]) -> list[int]:
+    """The bytes of each thing a step reads: its input files, the packages a bundle merges, and the weights a
+    program reads from its checkpoint (export/weight_refs.py: the bytes it refers to, not the whole checkpoint)."""
     from ..weight_refs import external_bytes
 
-    data = sum(_size(S.config.root / rel) for rel in inputs if (S.config.root / rel).exists())
+    data = [_size(S.config.root / rel) for rel in inputs if (S.config.root / rel).exists()]
     if "weights" in kwargs and "exported" in kwargs:
-        data += external_bytes(kwargs["exported"])
-    return data + sum(_size(Path(p)) for p in _package_inputs(kwargs) if Path(p).exists())
+        data.append(external_bytes(kwargs["exported"]))
+    return data + [_size(Path(p)) for p in _package_inputs(kwargs) if Path(p).exists()]
+
+
+def input_bytes(kwargs: dict, inputs: list[str]) -> int:
+    """The bytes a step reads: its input files, the packages a bundle merges, the weights a program refers to."""
+    return sum(input_sizes(kwargs, inputs))
 
 
 def need_mb(step: str, kwargs: dict, inputs: list[str]) -> int:
     """The memory ``step`` reserves: its record's estimate from the bytes it reads (export/stepdefs.py)."""
-    return STEPS[step].need_mb(input_bytes(kwargs, inputs))
+    sizes = input_sizes(kwargs, inputs)
+    return STEPS[step].need_mb(sum(sizes), max(sizes, default=0))
 
 
 def _ledger():

@@ -1,0 +1,107 @@
+"""The memory ledger's estimates (export/stepdefs.py) held to the peaks measured at size.
+
+bench/bench_scale.py records, per task of a real build, the worker's peak memory and the bytes the task
+read (bench/results/scale-*.json, committed). Each step's estimate from those bytes must be within 25%
+of its measured peak for the models of 0.5B parameters and more, and on the tiny demo build it must not
+fall short by more than 25% either (a parallel build reserves what the ledger says: a step that takes
+much more than it reserved can take the machine's memory from its neighbours). A new measurement that
+the formula does not fit fails here, naming the task, its bytes, its peak and its estimate.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from export.stepdefs import STEPS
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+TOLERANCE = 0.25
+LARGE = 2 * 10**8  # parameters from which the +-25% band applies (the demo's models are far smaller)
+
+
+def _points() -> list[dict]:
+    """Every built task of every recorded scale run: step, bytes read, largest input, peak, model size."""
+    out = []
+    for path in sorted(RESULTS.glob("scale-*.json")):
+        data = json.loads(path.read_text())
+        if "runs" not in data:  # scale-write-*: a model written, nothing built
+            continue
+        for label, run in data["runs"].items():
+            for task, rec in run["tasks"].items():
+                if rec.get("status") != "built" or not rec.get("peak_mb") or not rec.get("input_bytes"):
+                    continue
+                step, _, name = task.partition(":")
+                out.append({"where": f"{path.name} {label} {task}", "step": step, "input_bytes": rec["input_bytes"],
+                            "T": _largest_T(run, name),
+                            "largest": _largest(run, step, name, rec["input_bytes"]), "peak_mb": rec["peak_mb"],
+                            "parameters": data["model"].get("parameters", 0)})
+    return out
+
+
+def _largest_T(run: dict, name: str) -> int | None:
+    """A leaf's T; for a model-wide task (a bundle, its check), the largest T of the model's leaves."""
+    if ".T" in name:
+        return int(name.rsplit(".T", 1)[-1])
+    model = name.split(".")[0]
+    Ts = [int(m[1]) for rel in run["packages"] if rel.startswith(f"{model}/coreml/") and (m := re.search(r"_T(\d+)", rel))]
+    return max(Ts, default=None)
+
+
+def _largest(run: dict, step: str, name: str, input_bytes: int) -> int:
+    """The largest thing a task read: for a bundle, the largest package of its model (the leaves it merges)."""
+    if step != "bundle_coreml":
+        return input_bytes
+    model = name.split(".")[0]
+    leaves = [p["bytes"] for rel, p in run["packages"].items() if rel.startswith(f"{model}/coreml/")]
+    return max(leaves, default=input_bytes)
+
+
+# Issue #21's table (today's main, measured by the session that filed the issue, before verify_coreml
+# existed), until bench_scale.py records them: Llama-3.2-1B's dimensions, one leaf (prefill T512), and the
+# bundle of the 0.5B model's 4 leaves. Bytes read: the fp32 checkpoint of 1,235,814,400 parameters; its
+# .pt2 (the checkpoint + 2.6 MB, as measured at 0.5B); the 1B package (2.36 GB, the issue's own estimate
+# 400 + 2 x its MB = 5.1 GB); four 0.5B packages of 988.7 MB (measured).
+ISSUE_21 = [
+    {"where": "issue-21 llama-3.2-1b export_pytorch", "step": "export_pytorch", "input_bytes": 4_943_258_900,
+     "largest": 4_943_258_900, "peak_mb": 10_000, "parameters": 1_235_814_400},
+    {"where": "issue-21 llama-3.2-1b convert_coreml", "step": "convert_coreml", "input_bytes": 4_945_860_000,
+     "largest": 4_945_860_000, "peak_mb": 17_000, "parameters": 1_235_814_400},
+    {"where": "issue-21 llama-3.2-1b bundle_coreml", "step": "bundle_coreml", "input_bytes": 2_360 * 2**20,
+     "largest": 2_360 * 2**20, "peak_mb": 9_300, "parameters": 1_235_814_400},
+    {"where": "issue-21 qwen2.5-0.5b bundle_coreml (4 leaves)", "step": "bundle_coreml", "input_bytes": 4 * 988_700_000,
+     "largest": 988_700_000, "peak_mb": 7_800, "parameters": 494_032_768},
+]
+POINTS = _points() + ISSUE_21
+
+
+def test_there_are_measurements_at_size_for_every_heavy_step():
+    at_size = {p["step"] for p in POINTS if p["parameters"] >= LARGE}
+    assert {"export_pytorch", "convert_coreml", "verify_coreml", "bundle_coreml"} <= at_size, at_size
+    assert any(p["parameters"] < LARGE for p in POINTS), "no demo build recorded (bench_scale.py --model demo)"
+
+
+def _known_short(point: dict) -> bool:
+    """verify_coreml's peak grows with T for prefill (the reference interpreter holds T x T attention scores and the
+    T x vocabulary logits, several copies of each) and its estimate does not: 3x short at T 4096 on the
+    demo, and the 0.5B shape's T 2048 prefill check ran out of memory. A T-aware estimate needs its own
+    measurements; until then these points are expected to fail (strict: a fix makes them pass, and then
+    this marker goes)."""
+    if point["step"] != "verify_coreml":
+        return False
+    # a decode step's logits are 1 x vocabulary; a bundle's check runs every function, the largest T among them
+    return (point["T"] or 0) >= 2048 and ".decode.T" not in point["where"]
+
+
+@pytest.mark.parametrize("point", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="verify_coreml's estimate ignores T"))
+                                   if _known_short(p) else p for p in POINTS], ids=[p["where"] for p in POINTS])
+def test_estimate_within_its_band(point):
+    est = STEPS[point["step"]].need_mb(point["input_bytes"], point["largest"])
+    peak = point["peak_mb"]
+    what = (f"{point['where']}: read {point['input_bytes'] / 2**20:.0f} MB (largest {point['largest'] / 2**20:.0f} MB), "
+            f"peak {peak:.0f} MB, estimate {est} MB ({est / peak - 1:+.0%})")
+    assert est >= (1 - TOLERANCE) * peak, what
+    if point["parameters"] >= LARGE:
+        assert est <= (1 + TOLERANCE) * peak, what
