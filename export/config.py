@@ -58,10 +58,12 @@ TOP_KEYS = {"artifacts", "shape_sets", "models", "cache", "memory_budget_mb", "d
 CACHE_KEYS = {"local", "remote", "read_only"}
 DASK_KEYS = {"scheduler", "lanes"}
 MODEL_KEYS = {"name", "architecture", "checkpoint", "shape_set", "modes", "formats", "convert_from", "dtype", "coreml",
-              "recipes", "metadata", "chunks", "max_part_mb", "embed_part", "head_part", "head_split"}
+              "recipes", "metadata", "chunks", "max_part_mb", "embed_part", "head_part", "head_split",
+              "device_limits"}
 PART_KEYS = ("chunks", "max_part_mb", "embed_part", "head_part", "head_split")  # any of them makes a model parted
 ANE_MAX_DIM = 16384  # the Neural Engine's largest tensor dimension: head_split = "auto" keeps logits pieces within it
 PART_ARCHITECTURES = ("student", "hf-causal-lm")  # the decoder LMs of export/models/decoder_lm.py
+DEVICE_LIMITS = ("warn", "fail")  # what a package over a device limit does (export/coreml/checks.py, device_problems)
 METADATA_KEYS = ("author", "license", "version", "short_description")  # the package's own metadata fields
 
 
@@ -95,6 +97,7 @@ class ModelConfig:
     metadata: tuple[tuple[str, str], ...] = ()       # METADATA_KEYS given, in that order
     parts: PartsConfig | None = None                 # a parted model (chunks, ...); None: one package per (mode, T)
     index: int = 0                                   # its place in tool.export.models (errors name the field)
+    device_limits: str = "warn"                      # DEVICE_LIMITS: a package over a device limit warns, or fails
 
     @property
     def is_demo(self) -> bool:
@@ -337,11 +340,14 @@ def _model(raw, i, *, sets, sets_file, file, recipes=None) -> ModelConfig:
                           f"{' or '.join(STATEFUL_TARGETS)}: set coreml.minimum_deployment_target to one of them (got "
                           f"{coreml.minimum_deployment_target!r})", file=file, field=f"{at}.coreml.compression")
     chosen_recipes = _model_recipes(raw, at, recipes or {}, coreml, file=file)
+    device_limits = _expect(raw.get("device_limits", "warn"), str, file=file, field=f"{at}.device_limits")
+    if device_limits not in DEVICE_LIMITS:
+        raise ExportError(f"expected one of {list(DEVICE_LIMITS)}, got {device_limits!r}", file=file, field=f"{at}.device_limits")
     parts = _parts(raw, at, arch=arch, checkpoint=checkpoint, file=file)
     return ModelConfig(name=name, architecture=arch, checkpoint=checkpoint, shape_set=set_name, modes=modes,
                        enumerated_T=enumerated, formats=formats, convert_from=convert_from, dtype=dtype, coreml=coreml,
                        recipes=chosen_recipes, metadata=_metadata(raw.get("metadata", {}), f"{at}.metadata", file=file),
-                       parts=parts, index=i)
+                       parts=parts, index=i, device_limits=device_limits)
 
 
 def _parts(raw, at, *, arch: str, checkpoint: str, file) -> PartsConfig | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, checkpoint_files, contract, shape_sets
+from . import atomic, checkpoint_files, contract, program_weights, shape_sets
 from .checkpoint import Loaded, load
 from .digest import bytes_digest
 from .errors import ExportError, cli_errors
@@ -97,22 +97,22 @@ def export_torchscript(wrapper, example) -> bytes:
     return _canonical_torchscript(buf.getvalue())
 
 
-def export_program(wrapper, example, keep=None) -> bytes:
+def export_program(wrapper, example, keep=None, weights: Path | str | None = None) -> bytes:
     """``torch.export`` traces with fake tensors: no real forward pass, whatever T is.
 
     ``keep(digest, program, size)``, if given, receives the program with the digest of its saved bytes
-    (a worker that converts it next need not load the file again: export/runner/programs.py)."""
+    (a worker that converts it next need not load the file again: export/runner/programs.py); ``size``
+    counts the weights in memory, saved or not. ``weights``: the checkpoint the model was loaded from;
+    the program is then saved without the weights that are its tensors (export/program_weights.py)."""
     ep = torch.export.export(wrapper, example, strict=False)
     ep._example_inputs = None  # else every .pt2 stores its (T-sized) example K/V cache
     for node in ep.graph.nodes:  # absolute source paths would make the bytes depend on the checkout
         trace = portable_source(node.meta.pop("stack_trace", None))
         if trace:
             node.meta["stack_trace"] = trace  # the preflight says where an unsupported op comes from
-    buf = io.BytesIO()
-    torch.export.save(ep, buf)
-    data = buf.getvalue()
+    data, external = program_weights.save(ep, weights)
     if keep is not None:
-        keep(bytes_digest(data), ep, len(data))
+        keep(bytes_digest(data), ep, len(data) + external)
     return data
 
 
@@ -121,8 +121,12 @@ EXPORTERS = {"torchscript": export_torchscript, "exported_program": export_progr
 
 def export_entry(ck: Loaded, model: torch.nn.Module, out_dir: Path, *, model_name: str, mode: str, T: int,
                  formats: list[str], dtype: str = "fp32",
-                 checkpoint_digest: str | None = None, kv_cache: str = "explicit", keep=None) -> dict:
+                 checkpoint_digest: str | None = None, kv_cache: str = "explicit", keep=None,
+                 external_weights: bool = False) -> dict:
     """Export one (mode, T) of a loaded model in each format; write its files and contract atomically.
+
+    ``external_weights``: the ``.pt2`` keeps its weights in the checkpoint (what the build does: one copy
+    of the weights on disk, export/program_weights.py); else it is self-contained (the CLI).
 
     ``kv_cache="state"``: modes with a cache keep it in buffers updated in place
     (the contract lists them as ``states``); modes without one are unchanged.
@@ -140,7 +144,8 @@ def export_entry(ck: Loaded, model: torch.nn.Module, out_dir: Path, *, model_nam
     blobs = {}
     with torch.no_grad():
         for fmt in formats:
-            blobs[fmt] = export_program(wrapper, example, keep) if fmt == "exported_program" else EXPORTERS[fmt](wrapper, example)
+            blobs[fmt] = (export_program(wrapper, example, keep, ck.path if external_weights else None)
+                          if fmt == "exported_program" else EXPORTERS[fmt](wrapper, example))
     data = {
         "schema": contract.SCHEMA, "schema_version": contract.SCHEMA_VERSION,
         "model": model_name, "architecture": arch.name, "mode": mode, "T": T,
@@ -205,7 +210,7 @@ def export_model(checkpoint: Path | str, out_dir: Path | str, *, modes: list[str
                  enumerated_T: list[int] | dict[str, list[int]] | None = None,
                  formats: list[str] = tuple(contract.FORMATS), dtype: str = "fp32",
                  model_name: str | None = None, shape_sets_file: Path | str | None = None,
-                 shape_set: str | None = None, kv_cache: str = "explicit") -> dict:
+                 shape_set: str | None = None, kv_cache: str = "explicit", external_weights: bool = False) -> dict:
     """Export every (mode, T) of a checkpoint; returns the aggregate contract (also written as contract.json).
 
     ``enumerated_T`` is a list (every mode) or a mode -> list mapping; by default
@@ -222,7 +227,7 @@ def export_model(checkpoint: Path | str, out_dir: Path | str, *, modes: list[str
     digest = checkpoint_files.digest(ck.path)
     entries = [
         export_entry(ck, model, out_dir, model_name=name, mode=mode, T=T, formats=list(formats), dtype=dtype,
-                     checkpoint_digest=digest, kv_cache=kv_cache)
+                     checkpoint_digest=digest, kv_cache=kv_cache, external_weights=external_weights)
         for mode in modes for T in per_mode[mode]
     ]
     agg = contract.aggregate(entries)
@@ -292,13 +297,16 @@ def main(argv=None) -> None:
     p.add_argument("--model-name", help="name recorded in the contracts (default: the architecture)")
     p.add_argument("--shape-sets", type=Path, help="shape sets file (default: ./shape_sets.json)")
     p.add_argument("--shape-set", help="which shape set (default: the architecture's name, else 'default')")
+    p.add_argument("--external-weights", action="store_true",
+                   help="save each .pt2 as the build does: its graph, referring to the checkpoint's tensors by digest "
+                        "(convert or verify it with --weights CHECKPOINT); default: self-contained files")
     args = p.parse_args(argv)
     formats = list(contract.FORMATS) if args.format == "both" else [args.format]
     with cli_errors():
         modes = None if args.mode == "both" else [args.mode]
         agg = export_model(args.checkpoint, args.out, modes=modes, enumerated_T=args.enumerated_T, formats=formats,
                            dtype=args.dtype, model_name=args.model_name, shape_sets_file=args.shape_sets,
-                           shape_set=args.shape_set, kv_cache=args.kv_cache)
+                           shape_set=args.shape_set, kv_cache=args.kv_cache, external_weights=args.external_weights)
         for name, c in agg["functions"].items():
             files = ", ".join(e["file"] for e in c["exports"].values())
             print(f"{name}: {files}")

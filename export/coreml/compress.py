@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 from ..atomic import atomic_path
+from .checks import check_device_limits
 from ..errors import ExportError
 from ..recipes import PARTS
 from ..stepdefs import STEPS
@@ -90,7 +91,7 @@ def apply(mlmodel, recipe: dict):
     return mlmodel, parts
 
 
-def compress(package: Path | str, out: Path | str, recipe: dict, *, log=print) -> dict:
+def compress(package: Path | str, out: Path | str, recipe: dict, *, log=print, device_limits: dict | None = None) -> dict:
     """Write ``out``, the float ``package`` compressed by ``recipe``; return {part: number of weights}."""
     import coremltools as ct
 
@@ -118,4 +119,6 @@ def compress(package: Path | str, out: Path | str, recipe: dict, *, log=print) -
     with atomic_path(out, is_dir=True) as tmp:
         shutil.copytree(compressed.package_path, tmp, dirs_exist_ok=True)
         canonicalize(tmp, meta, spec=spec)
+        if device_limits is not None:  # "fail": refused before it appears (export/coreml/checks.py)
+            check_device_limits(tmp, device_limits["target"], device_limits["policy"], file=out)
     return counts

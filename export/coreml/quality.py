@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .. import contract as contract_mod
+from .. import program_weights
 from ..errors import ExportError
 
 SEQUENCES = 4  # fixed token sequences per prefill leaf (seeded)
@@ -82,12 +83,12 @@ def _inputs(c: dict, vocab: int) -> list[tuple]:
     return out
 
 
-def measure(float_package: Path, package: Path, exported: Path, contract: Path) -> dict:
+def measure(float_package: Path, package: Path, exported: Path, contract: Path, weights: Path | None = None) -> dict:
     """Run the exported program with the float package's and the compressed package's weights; compare."""
     c = contract_mod.read(contract)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ep = torch.export.load(str(exported))
+        ep = program_weights.load(exported, weights)
     float_weights = dense_weights(float_package)
     reference = _program_with(ep, float_weights, float_package)
     candidate = _program_with(ep, dense_weights(package), package)

@@ -145,13 +145,13 @@ def _vocab(c: dict) -> int:
 class Program:
     """An ExportedProgram, runnable on numpy inputs, with its parameters replaceable (compressed packages)."""
 
-    def __init__(self, exported: Path, c: dict):
+    def __init__(self, exported: Path, c: dict, weights: Path | str | None = None):
         import torch
 
         from .convert import load_program
 
         self.torch = torch
-        fmt, ep = load_program(exported)
+        fmt, ep = load_program(exported, weights)
         if fmt != "exported_program":
             raise ExportError("verification needs the ExportedProgram (.pt2)", file=exported, field="--exported")
         self.ep = ep
@@ -276,7 +276,7 @@ def _weight_tol(options: dict) -> float | None:
 
 
 def verify(package, exported: Path | str, contract_path: Path | str, function: str | None = None,
-           *, program: Program | None = None, seed: int = SEED) -> Verdict:
+           *, program: Program | None = None, seed: int = SEED, weights: Path | str | None = None) -> Verdict:
     """Run ``package`` (a path or an interpreter ``Package``) and the program on the same seeded inputs."""
     from .interpreter import Package
 
@@ -284,7 +284,7 @@ def verify(package, exported: Path | str, contract_path: Path | str, function: s
     c = contract_mod.read(contract_path)
     pkg = package if isinstance(package, Package) else Package(package)
     fn = pkg.function(function).name
-    program = program or Program(Path(exported), c)
+    program = program or Program(Path(exported), c, weights)
     precision = precision_of(pkg, fn)
     tol = FP16_RTOL if precision == "fp16" else FP32_RTOL
 
@@ -403,13 +403,15 @@ def main(argv=None) -> None:
     p.add_argument("--exported", required=True, type=Path, help="the ExportedProgram (.pt2) it was converted from")
     p.add_argument("--contract", required=True, type=Path, help="the per-(mode, T) contract")
     p.add_argument("--function", default=None, help="the package's function (default: its default function)")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="the checkpoint a .pt2 written by the build keeps its weights in")
     args = p.parse_args(argv)
     from .convert import quiet_coremltools
 
     quiet_coremltools()
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export's pytree deprecations
     with cli_errors():
-        v = verify(args.package, args.exported, args.contract, args.function)
+        v = verify(args.package, args.exported, args.contract, args.function, weights=args.weights)
         bad = v.failure()
         if bad:
             print(f"error: {args.package}: function {v.function}: {bad}", file=sys.stderr)

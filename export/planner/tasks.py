@@ -294,7 +294,7 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
             return {"outputs": restored, "restored": True, "action_key": akey,
                     "sizes": {rel: _size(p) for rel, p in zip(rels, outputs)}, "input_bytes": in_bytes,
                     "lane": lane, "span": [entered, done], "phases": [["cache restore", entered, done]],
-                    **_verdict(step, outputs)}
+                    **_verdict(step, outputs, task_name)}
     looked = time.time()
     log = S.config.root / STATE_DIR / "logs" / f"{task_name.replace(':', '__')}.log"
     need = need_mb(step, kwargs, inputs)
@@ -327,7 +327,7 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
         values["cached"], values["reproducible"] = done.cached, done.reproducible
     if done.uploaded:
         values["uploaded"] = done.uploaded
-    values.update(_verdict(step, outputs))
+    values.update(_verdict(step, outputs, task_name))
     phases = [["cache lookup", entered, looked]]
     if held["waited"]:
         phases.append(["memory wait", *held["waited"]])
@@ -337,14 +337,32 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
     return values
 
 
-def _verdict(step: str, outputs: list[Path]) -> dict:
-    """verify_coreml's verdict (errors per output) for last_build.json and the report."""
+def _verdict(step: str, outputs: list[Path], task_name: str | None = None) -> dict:
+    """verify_coreml's verdict (errors per output) for last_build.json and the report; a package's figures
+    against its devices' limits (``device``, from its manifest), each problem said once on stderr."""
+    if step in ("convert_coreml", "compress_coreml", "bundle_coreml"):
+        return _device(outputs, task_name)
     if step != "verify_coreml":
         return {}
     try:
         return {"verdict": json.loads(Path(outputs[0]).read_text())}
     except (OSError, ValueError):
         return {}
+
+
+def _device(outputs: list[Path], task_name: str | None) -> dict:
+    for p in outputs:
+        if p.name.endswith(".mlpackage"):
+            try:
+                device = json.loads(manifest_of(p).read_text()).get("device")
+            except (OSError, ValueError):
+                return {}
+            if not device:
+                return {}
+            for problem in device.get("problems", ()):
+                print(f"warning: {task_name}: {rel(p)}: {problem['line']}", file=sys.stderr)
+            return {"device": device}
+    return {}
 
 
 def dask_address() -> str | None:
@@ -365,9 +383,10 @@ def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], 
         return TaskFailed(f"error: {pyproject}: tool.export.cache.remote: steps on the Dask cluster at {address} "
                           "need a shared cache that the workers reach and the build may write (a directory they "
                           "all mount, or s3://...)")
-    input_rels = [*inputs, *(rel(Path(p)) for p in _package_inputs(kwargs))]
+    input_rels = [*inputs, *(rel(Path(p)) for p in _package_inputs(kwargs)),
+                  *(rel(p) for p in _weight_inputs(kwargs) if rel(p) not in inputs)]
     if "part" in kwargs:  # a part's export reads its tensors from the checkpoint's files (not in its file_dep)
-        input_rels += [rel(f) for f in checkpoint_files.input_files(kwargs["checkpoint"])]
+        input_rels += [rel(f) for f in checkpoint_files.input_files(kwargs["checkpoint"]) if rel(f) not in input_rels]
     digests = {rel: _stat().any(root / rel) for rel in input_rels}
     inputs_key = "in-" + bytes_digest(json.dumps(digests, sort_keys=True).encode())
     if not cache.remote_has(inputs_key):
@@ -405,7 +424,7 @@ def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], 
               "input_bytes": in_bytes, "lane": result["worker"], "span": [entered or result["started"], time.time()]}
     if nightly:
         values["cached"], values["reproducible"] = result["cached"], result["reproducible"]
-    values.update(_verdict(step, outputs))
+    values.update(_verdict(step, outputs, task_name))
     return values
 
 
@@ -416,16 +435,26 @@ def _package_inputs(kwargs: dict) -> list[str]:
             *kwargs.get("leaves", {}).values()]
 
 
+def _weight_inputs(kwargs: dict) -> list[Path]:
+    """The checkpoint files a step reads the program's weights from (shipped to a Dask worker with its inputs)."""
+    return checkpoint_files.input_files(kwargs["weights"]) if "weights" in kwargs else []
+
+
 def input_sizes(kwargs: dict, inputs: list[str]) -> list[int]:
-    """The bytes of each thing a step reads: its input files, and the packages a bundle merges."""
+    """The bytes of each thing a step reads: its input files, the packages a bundle merges, and the weights a
+    program reads from its checkpoint (export/weight_refs.py: the bytes it refers to, not the whole checkpoint)."""
+    from ..weight_refs import external_bytes
+
     data = [_size(S.config.root / rel) for rel in inputs if (S.config.root / rel).exists()]
     if "part" in kwargs:  # a part's export reads its own tensors, not the whole checkpoint (export/parts.py)
         data.append(int(kwargs["part"].get("bytes", 0)))
+    if "weights" in kwargs and "exported" in kwargs:
+        data.append(external_bytes(kwargs["exported"]))
     return data + [_size(Path(p)) for p in _package_inputs(kwargs) if Path(p).exists()]
 
 
 def input_bytes(kwargs: dict, inputs: list[str]) -> int:
-    """The bytes a step reads: its input files, and the packages a bundle merges."""
+    """The bytes a step reads: its input files, the packages a bundle merges, the weights a program refers to."""
     return sum(input_sizes(kwargs, inputs))
 
 
@@ -496,6 +525,25 @@ def model_dir(m) -> Path:
 
 def checkpoint_path(m) -> Path:
     return model_dir(m) / "checkpoint.pt" if m.is_demo else S.config.root / m.checkpoint
+
+
+def program_weights(m, fmt: str) -> dict:
+    """The ``weights`` argument of a step that loads the model's ``fmt`` export: an ExportedProgram written by
+    the build keeps its weights in the checkpoint (export/program_weights.py). Not a key: the ``.pt2``'s
+    bytes hold the digest of every tensor it reads there (export/weight_refs.py), and the loader checks them."""
+    return {"weights": str(checkpoint_path(m))} if fmt == "exported_program" else {}
+
+
+def device_limits(m) -> dict:
+    """What the steps check a model's packages against (export/coreml/checks.py): its deployment target's
+    devices, and whether a package over a limit warns or fails."""
+    return {"target": m.coreml.minimum_deployment_target, "policy": m.device_limits}
+
+
+def _fail_key(m) -> dict:
+    """``device_limits = "fail"`` keys the steps that check (the step then fails where it passed); the default,
+    "warn", changes nothing they write and keys nothing."""
+    return {"device_limits": "fail"} if m.device_limits == "fail" else {}
 
 
 def checkpoint_inputs(m) -> list[Path]:
@@ -636,11 +684,12 @@ def task_convert_coreml():
                 files, contract = export_paths(m, mode, T, part)
                 pkg = package_path(m, mode, T, part)
                 kwargs = {"exported": str(files[m.convert_from]), "contract": str(contract), "out": str(pkg),
-                          "options": m.coreml.to_json()}
+                          "options": m.coreml.to_json(), **program_weights(m, m.convert_from),
+                          "device_limits": device_limits(m)}
                 name = leaf(m, mode, T, part)
                 by_T.setdefault(T, []).append(name)
                 yield _task("convert_coreml", name, f"{m.name} {mode} T={T}{_what(part)}: Core ML package ({m.coreml.compute_precision}, {m.coreml.minimum_deployment_target})",
-                            kwargs, {"options": m.coreml.to_json(), "from": m.convert_from}, [pkg, manifest_of(pkg)],
+                            kwargs, {"options": m.coreml.to_json(), "from": m.convert_from, **_fail_key(m)}, [pkg, manifest_of(pkg)],
                             [manifest_of(pkg)], file_dep=[files[m.convert_from], contract])
     yield from _groups("convert_coreml", "convert", by_T)
 
@@ -660,10 +709,12 @@ def task_compress_coreml():
                         quality_path(m, mode, T, recipe.name, part)
                     kwargs = {"package": str(pkg), "exported": str(files["exported_program"]) if "exported_program" in files
                               else str(files[m.convert_from]), "contract": str(contract), "recipe": recipe.to_json(),
-                              "out": str(out), "quality": str(quality)}
+                              "out": str(out), "quality": str(quality),
+                              **program_weights(m, "exported_program" if "exported_program" in files else m.convert_from),
+                              "device_limits": device_limits(m)}
                     task = _task("compress_coreml", f"{leaf(m, mode, T, part)}.{recipe.name}",
                                  f"{m.name} {mode} T={T}{_what(part)}: compressed by recipe {recipe.name}, quality measured",
-                                 kwargs, {"recipe": recipe.to_json()}, [out, manifest_of(out), quality],
+                                 kwargs, {"recipe": recipe.to_json(), **_fail_key(m)}, [out, manifest_of(out), quality],
                                  [manifest_of(out), quality],
                                  file_dep=[manifest_of(pkg), Path(kwargs["exported"]), contract])
                     task["actions"].append((_quality_values, [quality]))  # the figures reach last_build.json
@@ -690,7 +741,7 @@ def task_verify_coreml():
                 files, contract = export_paths(m, mode, T, part)
                 pkg, out = package_path(m, mode, T, part), verdict_path(m, mode, T, part)
                 kwargs = {"package": str(pkg), "exported": str(files["exported_program"]), "contract": str(contract),
-                          "out": str(out)}
+                          "out": str(out), **program_weights(m, "exported_program")}
                 name = leaf(m, mode, T, part)
                 by_T.setdefault(T, []).append(name)
                 yield _task("verify_coreml", name, f"{m.name} {mode} T={T}{_what(part)}: the package's numbers against the program",
@@ -720,8 +771,8 @@ def task_bundle_coreml():
             contract_out = unit_dir(m, part) / "contract.json"
             ships = shipped if part is None else []  # a parted model ships them beside its chain contract
             kwargs = {"packages": [str(p) for p in pkgs], "contracts": [str(c) for c in contracts], "out": str(out),
-                      "contract_out": str(contract_out)}
-            key = {"functions": [entry_name(mode, T) for mode, T in m.leaves()]}
+                      "contract_out": str(contract_out), "device_limits": device_limits(m)}
+            key = {"functions": [entry_name(mode, T) for mode, T in m.leaves()], **_fail_key(m)}
             extra = {}
             if m.metadata:
                 extra["metadata"] = dict(m.metadata)
@@ -741,7 +792,8 @@ def task_bundle_coreml():
                 rout = recipe_bundle_path(m, recipe.name, part)
                 rcontract = recipe_contract_path(m, recipe.name, part)
                 rkwargs = {"packages": [str(p) for p in cpkgs], "contracts": [str(c) for c in contracts], "out": str(rout),
-                           "contract_out": str(rcontract), **({"metadata": dict(m.metadata)} if m.metadata else {})}
+                           "contract_out": str(rcontract), **({"metadata": dict(m.metadata)} if m.metadata else {}),
+                           "device_limits": device_limits(m)}
                 yield _task("bundle_coreml", f"{bundle_stem(m, part)}.{recipe.name}",
                             f"{bundle_stem(m, part)}: one multifunction package of {len(cpkgs)} functions, recipe {recipe.name}",
                             rkwargs, {**key, "recipe": recipe.name}, [rout, manifest_of(rout), rcontract],
@@ -820,9 +872,9 @@ def _expected_outputs() -> set[Path]:
 
 
 # Temporaries of atomic writes (export/atomic.py: .<name>.*.tmp), of cache restores (export/cache/store.py: .restore,
-# .old) and of the bundle's merge (export/coreml/bundle.py: .merge), beside the output they stand for.
+# .old), of an output replaced by a hardlink to its cache blob (export/cache/store.py: .link) and of the bundle's merge (export/coreml/bundle.py: .merge), beside the output they stand for.
 # A full build runs prune_artifacts after every step it runs, under the project lock: none is being written.
-LEFTOVER_SUFFIXES = (".tmp", ".restore", ".old", ".merge")
+LEFTOVER_SUFFIXES = (".tmp", ".restore", ".old", ".merge", ".link")
 COMPACT_BYTES = 1 << 20  # the record of written outputs is compacted past this size
 
 

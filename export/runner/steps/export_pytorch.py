@@ -26,4 +26,4 @@ def run(checkpoint: str, out_dir: str, model: str, mode: str, T: int, formats: l
                           f"{architecture!r}", file=checkpoint, field="architecture")
     extra = {"kv_cache": kv_cache} if kv_cache != "explicit" else {}
     export_entry(ck, module, Path(out_dir), model_name=model, mode=mode, T=T, formats=formats, dtype=dtype,
-                 keep=programs.PROGRAMS.keep, **extra)
+                 keep=programs.PROGRAMS.keep, external_weights=True, **extra)
