@@ -1,5 +1,6 @@
-"""Builds on a Dask cluster (export.runner.cluster): a LocalCluster of two worker processes started here,
-the shared cache on a directory store and on a real S3 server (moto, 127.0.0.1).
+"""Builds on a Dask cluster (export.runner.cluster): a real ``dask scheduler`` and two ``dask worker --name``
+processes started here on 127.0.0.1 (as README "On a Dask cluster" tells a team to), the shared cache on a
+directory store and on a real S3 server (moto, 127.0.0.1).
 
 Each worker declares MEMORY_MB = 600 and has two threads; every step of these tiny projects
 reserves 300-600 MB, and any two together more than 600: so no worker may ever run two steps
@@ -31,20 +32,51 @@ def s3_env(s3_server) -> dict:
             "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+NAMES = ("alpha", "beta")  # the workers' --name
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3_env):
-    """(scheduler address, client, the workers' scratch folder). The nannies restart a killed worker
-    with the same environment: its own local cache, the S3 endpoint and keys, TMPDIR."""
-    from distributed import Client, LocalCluster
+    """(scheduler address, client, the workers' scratch folder). ``dask scheduler`` and two ``dask worker
+    --name`` processes (each with a nanny, which restarts a killed worker with the same environment: its own
+    local cache, the S3 endpoint and keys, TMPDIR)."""
+    from distributed import Client
 
-    scratch = tmp_path_factory.mktemp("worker-tmp")
-    env = {"MODEL_EXPORT_CACHE": str(tmp_path_factory.mktemp("worker-cache")), "TMPDIR": str(scratch), **s3_env}
-    lc = LocalCluster(n_workers=2, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address=":0",
-                      resources={"MEMORY_MB": WORKER_MB}, env=env)
-    client = Client(lc)
-    yield lc.scheduler_address, client, scratch
-    client.close()
-    lc.close()
+    base = tmp_path_factory.mktemp("dask")
+    scratch = base / "worker-tmp"
+    scratch.mkdir()
+    dask = [sys.executable, "-m"]  # python -m distributed.cli.dask_worker: the `dask worker` command
+    env = {**os.environ, "DASK_DISTRIBUTED__DIAGNOSTICS__NVML": "False"}
+    log = open(base / "cluster.log", "ab")
+    procs = [subprocess.Popen([*dask, "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+                               "--dashboard-address", ":0", "--scheduler-file", str(base / "scheduler.json")],
+                              env=env, stdout=log, stderr=log)]
+    try:
+        deadline = time.monotonic() + 60
+        while not (base / "scheduler.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        address = json.loads((base / "scheduler.json").read_text())["address"]
+        for name in NAMES:
+            wenv = {**env, "MODEL_EXPORT_CACHE": str(base / f"cache-{name}"), "TMPDIR": str(scratch), **s3_env}
+            procs.append(subprocess.Popen([*dask, "distributed.cli.dask_worker", address, "--name", name,
+                                           "--nworkers", "1", "--nthreads", "2", "--resources", f"MEMORY_MB={WORKER_MB}",
+                                           "--host", "127.0.0.1", "--dashboard-address", ":0",
+                                           "--local-directory", str(base / f"local-{name}")],
+                                          env=wenv, stdout=log, stderr=log))
+        client = Client(address, timeout=60)
+        client.wait_for_workers(2, timeout=120)
+        yield address, client, scratch
+        client.close()
+    finally:
+        for proc in reversed(procs):  # the workers (and their nannies), then the scheduler
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +104,8 @@ def _assert_memory_limited(records: dict[str, dict]) -> None:
 
 
 def _workers(client) -> set[str]:
-    return set(client.scheduler_info(n_workers=-1)["workers"])
+    """The connected workers' names (what last_build.json records)."""
+    return {str(w["name"]) for w in client.scheduler_info(n_workers=-1)["workers"].values()}
 
 
 def test_nightly_on_the_cluster_with_a_directory_store(cluster, reference, tmp_path):
@@ -170,7 +203,9 @@ def test_a_worker_killed_during_a_conversion_is_replaced_and_the_step_runs_again
         time.sleep(0.2)
     assert victim is not None, "no conversion was seen running"
     addr, pid, task = victim
-    os.kill(pid, signal.SIGKILL)
+    name = str(client.scheduler_info(n_workers=-1)["workers"][addr]["name"])
+    assert name in NAMES
+    os.kill(pid, signal.SIGKILL)  # the worker process itself: no finally of its own runs
     out, _ = build.communicate(timeout=900)
     assert build.returncode == 0, out
     built = p.artifact_digests()
@@ -178,7 +213,18 @@ def test_a_worker_killed_during_a_conversion_is_replaced_and_the_step_runs_again
     assert all(f"{leaf}.mlpackage.manifest.json" in built for leaf in leaves)
     assert built == {k: v for k, v in reference.artifact_digests().items() if k in built}
     records = _steps(p)
-    assert records[task]["status"] == "built" and records[task]["worker"] != addr  # ran again, elsewhere
+    assert records[task]["status"] == "built"  # ran again (maybe on the worker the nanny restarted, same name)
+    assert records[task]["worker"] in NAMES and records[task]["lost_workers"] == [name]  # by --name, not address
+    # one line for the lost worker, one for the step's retry
+    lost = [line for line in out.splitlines() if line.startswith("dask: worker ")]
+    again = [line for line in out.splitlines() if " runs again on worker " in line]
+    assert lost == [f"dask: worker {name} was lost while it held {task}; the scheduler runs the step again "
+                    "on another worker"], out
+    assert again == [f"dask: {task} runs again on worker {records[task]['worker']} (attempt 2, after 1 lost worker)"], out
+    assert "tcp://" not in json.dumps(_steps(p))
+    # the killed worker's scratch folder was removed by the next step (the retry's sweep): TMPDIR is clean
+    assert not list(scratch.glob("model-export-step-*")) and not list(scratch.glob(".model-export-new-*")), \
+        sorted(q.name for q in scratch.iterdir())
     client.wait_for_workers(2, timeout=120)  # the nanny replaced the dead worker
 
 

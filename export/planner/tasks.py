@@ -364,6 +364,8 @@ def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], 
               "input_bytes": in_bytes, "lane": result["worker"], "span": [entered or result["started"], time.time()]}
     if nightly:
         values["cached"], values["reproducible"] = result["cached"], result["reproducible"]
+    if result.get("lost_workers"):
+        values["lost_workers"] = result["lost_workers"]  # the workers (by name) lost while they held it
     values.update(_verdict(step, outputs))
     return values
 
@@ -568,17 +570,16 @@ def task_compress_coreml():
     for m in S.config.models:
         for recipe in m.recipes:
             for mode, T in m.leaves():
-                files, contract = export_paths(m, mode, T)
+                _, contract = export_paths(m, mode, T)
                 pkg, out, quality = package_path(m, mode, T), compressed_path(m, mode, T, recipe.name), \
                     quality_path(m, mode, T, recipe.name)
-                kwargs = {"package": str(pkg), "exported": str(files["exported_program"]) if "exported_program" in files
-                          else str(files[m.convert_from]), "contract": str(contract), "recipe": recipe.to_json(),
-                          "out": str(out), "quality": str(quality)}
+                kwargs = {"package": str(pkg), "contract": str(contract), "recipe": recipe.to_json(), "out": str(out),
+                          "quality": str(quality)}  # the quality runs both packages: no exported program needed
                 task = _task("compress_coreml", f"{leaf(m, mode, T)}.{recipe.name}",
                              f"{m.name} {mode} T={T}: compressed by recipe {recipe.name}, quality measured",
                              kwargs, {"recipe": recipe.to_json()}, [out, manifest_of(out), quality],
                              [manifest_of(out), quality],
-                             file_dep=[manifest_of(pkg), Path(kwargs["exported"]), contract])
+                             file_dep=[manifest_of(pkg), contract])
                 task["actions"].append((_quality_values, [quality]))  # the figures reach last_build.json
                 yield task
 
