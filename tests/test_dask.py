@@ -46,7 +46,9 @@ def cluster(tmp_path_factory, s3_env):
     scratch = base / "worker-tmp"
     scratch.mkdir()
     dask = [sys.executable, "-m"]  # python -m distributed.cli.dask_worker: the `dask worker` command
-    env = {**os.environ, "DASK_DISTRIBUTED__DIAGNOSTICS__NVML": "False"}
+    # the tests folder on the path: client.run() sends functions of this module by reference
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                     os.environ.get("PYTHONPATH")]))}
     log = open(base / "cluster.log", "ab")
     procs = [subprocess.Popen([*dask, "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
                                "--dashboard-address", ":0", "--scheduler-file", str(base / "scheduler.json")],

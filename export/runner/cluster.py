@@ -115,8 +115,8 @@ class Watch:
 
     def on_start(self, msg: dict) -> None:
         with self._lock:
-            self.names[msg.get("address", "")] = str(msg.get("worker"))
-            self.started.append(str(msg.get("worker")))
+            self.names[msg.get("address", "")] = str(msg.get("name"))
+            self.started.append(str(msg.get("name")))
             if len(self.started) > 1:
                 self.say(f"dask: {self.task} runs again on worker {self.started[-1]} "
                          f"(attempt {len(self.started)}, after {len(self.lost)} lost worker"
@@ -243,8 +243,8 @@ def _announce(request: dict) -> None:
         from distributed import get_worker
 
         w = get_worker()
-        w.log_event(EVENTS, {"key": request.get("dask_key"), "task": request["task"], "worker": str(w.name),
-                             "address": w.address})
+        w.log_event(EVENTS, {"key": request.get("dask_key"), "task": request["task"], "name": str(w.name),
+                             "address": w.address})  # (the scheduler sets "worker" to the address)
     except Exception:  # not on a Dask worker (a test calls execute directly): nobody to tell
         pass
 
