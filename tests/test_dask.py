@@ -259,3 +259,81 @@ def test_an_unreachable_scheduler_is_one_clear_error(tmp_path):
     assert not (p.root / "artifacts" / "last_build.json").exists()
     r = p.doit("--dask", "not-an-address", check=False)
     assert r.returncode == 2 and "expected tcp://host:port" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_recipe_build_on_the_cluster_gives_a_local_builds_bytes(cluster, tmp_path):
+    """compress_coreml and the recipe's bundle on the Dask path (prefill and decode); then a local nightly of the
+    same project against the same store rebuilds every step and finds the cluster's bytes (issue #17)."""
+    from scenario import RECIPES_TOML, export_head, model_toml, project_toml
+
+    address, client, scratch = cluster
+    env = {"MODEL_EXPORT_REMOTE_CACHE": str(tmp_path / "share")}
+    p = Project.create(tmp_path / "project")
+    p.set_shape_sets({"one": {"prefill": [16], "decode": [16]}})
+    (p.root / "pyproject.toml").write_text(project_toml(export_head() + RECIPES_TOML + model_toml(
+        "student", "student", "checkpoints/student.pt", "one", coreml='{ minimum_deployment_target = "iOS18" }',
+        recipes='["lut4"]')))
+    fresh = p.copy(tmp_path / "local")
+    p.doit("--dask", address, env=env)
+    records = json.loads((p.root / "artifacts" / "last_build.json").read_text())["tasks"]
+    recipe = {"compress_coreml:student.prefill.T16.lut4", "compress_coreml:student.decode.T16.lut4",
+              "bundle_coreml:student.lut4"}
+    assert {n for n, r in records.items() if r["status"] == "built"} >= recipe
+    assert all(records[n]["worker"] in NAMES for n in recipe)  # they ran on the cluster
+    art = p.root / "artifacts" / "student"
+    for mode, positions in (("prefill", 4 * 16), ("decode", 16)):
+        q = json.loads((art / "coreml" / f"{mode}_T16.lut4.quality.json").read_text())
+        assert records[f"compress_coreml:student.{mode}.T16.lut4"]["quality"] == q
+        assert "interpreter" in q["method"] and q["positions"] == positions and 0 < q["mean_abs_err"]
+        assert 0.5 < q["top1_agreement"] <= 1 and q["size_bytes"] < q["float_size_bytes"]
+    assert (art / "student.lut4.mlpackage" / "Manifest.json").is_file()
+    assert not list(scratch.glob("model-export-step-*"))
+    # the same project built here, every step again, against the store the cluster filled
+    fresh.doit("nightly", env={**env, "MODEL_EXPORT_CACHE": str(tmp_path / "local-cache")})
+    nightly = json.loads((fresh.root / "artifacts" / "nightly.json").read_text())
+    assert nightly["non_reproducible"] == []
+    assert all(nightly["tasks"][n]["reproducible"] is True for n in recipe)
+    assert fresh.artifact_digests() == p.artifact_digests()
+
+
+def test_a_killed_step_s_scratch_folder_is_removed_by_the_next_one(tmp_path):
+    """The scratch folder of a process SIGKILLed during its step stays locked only while that process lives:
+    the next step's sweep removes it, and leaves a running step's folder and any folder not made by a step."""
+    import textwrap
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    code = textwrap.dedent("""
+        import sys, time
+        from export.runner.cluster import make_scratch
+        path, lock = make_scratch("convert_coreml:student.prefill.T16")
+        print(path, flush=True)
+        time.sleep(600)
+    """)
+    victim = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    dead = Path(victim.stdout.readline().strip())
+    (dead / "artifacts").mkdir()
+    (dead / "artifacts" / "half-written.bin").write_bytes(b"x" * 1000)
+    os.environ["TMPDIR"], saved = str(tmp_path), os.environ.get("TMPDIR")
+    import tempfile
+
+    tempfile.tempdir = None
+    try:
+        from export.runner.cluster import make_scratch, sweep_scratch
+
+        assert sweep_scratch() == []  # its step runs: locked
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+        victim.stdout.close()
+        alive, lock = make_scratch("checkpoint:judge")  # this process's own running step
+        user = tmp_path / "model-export-step-mine"  # not a step's (no mark): never touched
+        user.mkdir()
+        assert sweep_scratch() == [str(dead)]
+        assert not dead.exists() and Path(alive).is_dir() and user.is_dir()
+        os.close(lock)
+    finally:
+        if saved is None:
+            os.environ.pop("TMPDIR")
+        else:
+            os.environ["TMPDIR"] = saved
+        tempfile.tempdir = None
