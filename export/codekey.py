@@ -77,7 +77,7 @@ class _Index:
         self.memo: dict[str, tuple[str, str, list[str]]] = {}
 
     def _db(self):
-        db = self.stat._db() if self.stat is not None else None
+        db = self.stat.connection() if self.stat is not None else None
         if db is not None:
             try:
                 db.execute("CREATE TABLE IF NOT EXISTS modules (path TEXT PRIMARY KEY, stat TEXT, digest TEXT, imports TEXT)")
@@ -87,7 +87,7 @@ class _Index:
 
     def get(self, module: str, path: Path) -> tuple[str, list[str]]:
         st = os.stat(path)
-        key = StatCache._key(st)
+        key = StatCache.stat_key(st)
         hit = self.memo.get(str(path))
         if hit and hit[0] == key:
             return hit[1], hit[2]

@@ -67,7 +67,7 @@ class StatCache:
         self._conn = None
         self._pid = None
 
-    def _db(self) -> sqlite3.Connection | None:
+    def connection(self) -> sqlite3.Connection | None:
         if self._conn is None or self._pid != os.getpid():  # never share a connection across fork
             try:
                 self.db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,15 +86,15 @@ class StatCache:
         return time.time() - st.st_mtime <= RACY_SECONDS
 
     @staticmethod
-    def _key(st: os.stat_result) -> str:
+    def stat_key(st: os.stat_result) -> str:
         return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
     def file(self, path: Path | str, st: os.stat_result | None = None) -> str:
         """The xxh3-128 digest of a file, from the cache when its stat is unchanged."""
         path = os.path.abspath(path)
         st = st or os.stat(path)
-        key = self._key(st)
-        db = self._db()
+        key = self.stat_key(st)
+        db = self.connection()
         if db is not None:
             try:
                 row = db.execute("SELECT digest FROM digests WHERE path=? AND stat=?", (path, key)).fetchone()
@@ -124,7 +124,7 @@ class ReadOnlyStatCache(StatCache):
     """The stat cache, read but never written (a file it does not know is hashed, not remembered).
     Opened read-only; when its WAL holds rows, SQLite still maps the ``-shm`` index, as for any reader."""
 
-    def _db(self):
+    def connection(self):
         if self._conn is None:
             try:
                 if not self.db_path.exists():

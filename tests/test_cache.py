@@ -35,6 +35,31 @@ def new_cache(path: Path, **kw) -> tuple[Cache, list[str]]:
     return Cache(path, log=logs.append, **kw), logs
 
 
+def s3_env(endpoint: str) -> dict:
+    """The environment a developer sets for an S3 server at ``endpoint`` (dummy keys)."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def fresh_bucket(endpoint: str, monkeypatch, request, prefix: str):
+    """A new bucket named after the test on the S3 server at ``endpoint``, its environment set:
+    (the store's URL, an s3fs filesystem on it, the environment)."""
+    import s3fs
+
+    env = s3_env(endpoint)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    bucket = prefix + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing", skip_instance_cache=True)
+    fs.mkdir(bucket)
+    return f"s3://{bucket}/team/cache", fs, env
+
+
+def remote_cache(path: Path, url: str, **kw) -> tuple[Cache, list[str]]:
+    """A cache at ``path`` whose shared store is ``url`` (no s3fs instance shared between caches)."""
+    return new_cache(path, remote=url, storage_options={"skip_instance_cache": True}, **kw)
+
+
 def all_paths(top: Path):
     return [top, *top.rglob("*")]
 

@@ -9,7 +9,7 @@ import pytest
 
 from export.cache.store import Cache
 from export.digest import file_digest, tree_digest
-from test_cache import OUTS, entry_manifest, make_outputs, new_cache, spawn_put
+from test_cache import OUTS, fresh_bucket, make_outputs, new_cache, remote_cache, spawn_put
 
 # --- a directory as the remote store -------------------------------------------
 
@@ -100,32 +100,19 @@ def test_concurrent_publishing_to_a_remote_directory(tmp_path):
 @pytest.fixture
 def s3(s3_server, monkeypatch, request):
     """A fresh bucket; the endpoint and dummy keys in the environment, as a developer would set them."""
-    import s3fs
-
-    env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    bucket = "cache-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
-    fs = s3fs.S3FileSystem(endpoint_url=s3_server, key="testing", secret="testing", skip_instance_cache=True)
-    fs.mkdir(bucket)
-    return f"s3://{bucket}/team/cache", fs, env
-
-
-def s3_cache(path, url, **kw):
-    return new_cache(path, remote=url, storage_options={"skip_instance_cache": True}, **kw)
+    return fresh_bucket(s3_server, monkeypatch, request, "cache-")
 
 
 def test_s3_put_then_read_through(s3, tmp_path):
     url, fs, _ = s3
     a = make_outputs(tmp_path / "a")
-    machine_a, logs_a = s3_cache(tmp_path / "local_a", url)
+    machine_a, logs_a = remote_cache(tmp_path / "local_a", url)
     machine_a.put("k1", a, OUTS, {"task": "t"})
     keys = fs.find(url)
     assert len([k for k in keys if "/cache/cas/" in k]) == 3 and len([k for k in keys if "/cache/ac/" in k]) == 1
     assert not [k for k in keys if "/tmp/" in k]
 
-    machine_b, logs_b = s3_cache(tmp_path / "local_b", url)
+    machine_b, logs_b = remote_cache(tmp_path / "local_b", url)
     got = machine_b.get("k1", tmp_path / "b", OUTS)
     assert got == {"art/m.pt": file_digest(a / "art/m.pt"), "art/m.mlpackage": tree_digest(a / "art/m.mlpackage")}
     assert logs_a == logs_b == [] and machine_b.stats()["remote"] == {"entries": 1, "blobs": 3,
@@ -135,11 +122,11 @@ def test_s3_put_then_read_through(s3, tmp_path):
 def test_s3_writes_are_create_only(s3, tmp_path):
     url, fs, _ = s3
     a = make_outputs(tmp_path / "a")
-    first, _ = s3_cache(tmp_path / "local_a", url)
+    first, _ = remote_cache(tmp_path / "local_a", url)
     first.put("k1", a, OUTS, {"task": "first"})
     manifest = f"{url}/ac/k1/k1"
     before = fs.cat_file(manifest)
-    second, logs = s3_cache(tmp_path / "local_b", url)
+    second, logs = remote_cache(tmp_path / "local_b", url)
     second.put("k1", a, OUTS, {"task": "second"})  # publishes the same entry: succeeds, leaves it alone
     assert logs == [] and second.published == 1
     assert fs.cat_file(manifest) == before and json.loads(before)["producer"]["task"] == "first"
@@ -161,7 +148,7 @@ def test_s3_concurrent_publishing_from_two_processes(s3, tmp_path):
     for p in procs:
         out, err = p.communicate(timeout=60)
         assert p.returncode == 0 and out.strip() == "", err
-    reader, logs = s3_cache(tmp_path / "local_c", url)
+    reader, logs = remote_cache(tmp_path / "local_c", url)
     assert reader.get("k1", tmp_path / "c", OUTS)["art/m.mlpackage"] == tree_digest(roots[0] / "art/m.mlpackage")
     assert logs == []
 

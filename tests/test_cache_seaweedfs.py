@@ -13,7 +13,7 @@ import pytest
 
 from export.cache import Cache
 from export.digest import file_digest, tree_digest
-from test_cache import OUTS, make_outputs, new_cache, spawn_put
+from test_cache import OUTS, fresh_bucket, make_outputs, remote_cache, spawn_put
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -21,32 +21,19 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.fixture
 def store(seaweedfs, monkeypatch, request):
     """A fresh bucket on the SeaweedFS server; the endpoint and keys in the environment."""
-    import s3fs
-
-    env = {"AWS_ENDPOINT_URL": seaweedfs, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    bucket = "sw-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
-    fs = s3fs.S3FileSystem(endpoint_url=seaweedfs, key="testing", secret="testing", skip_instance_cache=True)
-    fs.mkdir(bucket)
-    return f"s3://{bucket}/team/cache", fs, env
-
-
-def sw_cache(path, url, **kw):
-    return new_cache(path, remote=url, storage_options={"skip_instance_cache": True}, **kw)
+    return fresh_bucket(seaweedfs, monkeypatch, request, "sw-")
 
 
 def test_publish_then_restore_into_a_fresh_checkout(store, tmp_path):
     url, fs, _ = store
     a = make_outputs(tmp_path / "a")
-    machine_a, logs_a = sw_cache(tmp_path / "local_a", url)
+    machine_a, logs_a = remote_cache(tmp_path / "local_a", url)
     machine_a.put("k1", a, OUTS, {"task": "t"})
     assert machine_a.uploaded == 1 and logs_a == []
     keys = fs.find(url)
     assert len([k for k in keys if "/cas/" in k]) == 3 and len([k for k in keys if "/ac/" in k]) == 1
 
-    fresh, logs_b = sw_cache(tmp_path / "local_b", url)
+    fresh, logs_b = remote_cache(tmp_path / "local_b", url)
     got = fresh.get("k1", tmp_path / "b", OUTS)
     assert got == {"art/m.pt": file_digest(a / "art/m.pt"), "art/m.mlpackage": tree_digest(a / "art/m.mlpackage")}
     assert tree_digest(tmp_path / "b/art/m.mlpackage") == got["art/m.mlpackage"] and logs_b == []
@@ -56,11 +43,11 @@ def test_publishing_an_entry_already_there_is_no_warning(store, tmp_path):
     """SeaweedFS answers the second create-only put with a bare 412: the entry is there, all is well."""
     url, fs, _ = store
     a = make_outputs(tmp_path / "a")
-    first, _ = sw_cache(tmp_path / "local_a", url)
+    first, _ = remote_cache(tmp_path / "local_a", url)
     first.put("k1", a, OUTS, {"task": "first"})
     manifest = f"{url}/ac/k1/k1"
     before = fs.cat_file(manifest)
-    second, logs = sw_cache(tmp_path / "local_b", url)
+    second, logs = remote_cache(tmp_path / "local_b", url)
     second.put("k1", a, OUTS, {"task": "second"})
     assert logs == [], logs
     assert fs.cat_file(manifest) == before and second.pending() == []
@@ -81,7 +68,7 @@ def test_two_writers_of_the_same_entry(store, tmp_path):
     for p in procs:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0 and out.strip() == "", out + err  # no warning from either writer
-    reader, logs = sw_cache(tmp_path / "local_c", url)
+    reader, logs = remote_cache(tmp_path / "local_c", url)
     assert reader.get("k1", tmp_path / "c", OUTS)["art/m.mlpackage"] == tree_digest(roots[0] / "art/m.mlpackage")
     assert logs == []
 
@@ -89,19 +76,19 @@ def test_two_writers_of_the_same_entry(store, tmp_path):
 def test_a_corrupt_blob_is_replaced_by_its_good_bytes(store, tmp_path):
     url, fs, _ = store
     a = make_outputs(tmp_path / "a")
-    sw_cache(tmp_path / "local_a", url)[0].put("k1", a, OUTS, {})
+    remote_cache(tmp_path / "local_a", url)[0].put("k1", a, OUTS, {})
     digest = file_digest(a / "art/m.pt")
     remote_blob = f"{url}/cas/{digest[:2]}/{digest}"
     fs.pipe_file(remote_blob, b"b" * 5000)  # same size, wrong bytes
 
-    machine_b, logs = sw_cache(tmp_path / "local_b", url)
+    machine_b, logs = remote_cache(tmp_path / "local_b", url)
     assert machine_b.get("k1", tmp_path / "b", OUTS) is None  # caught: a miss, the step runs again
     assert any("does not match" in line for line in logs), logs
     machine_b.put("k1", a, OUTS, {"task": "rebuilt"})  # the rebuild publishes the same bytes
     assert fs.cat_file(remote_blob) == (a / "art/m.pt").read_bytes(), "the bad object is still in the store"
     assert any("replaced by its good bytes" in line for line in logs), logs
 
-    machine_c, logs_c = sw_cache(tmp_path / "local_c", url)
+    machine_c, logs_c = remote_cache(tmp_path / "local_c", url)
     assert machine_c.get("k1", tmp_path / "c", OUTS) is not None and logs_c == []
 
 
@@ -112,8 +99,8 @@ def test_an_outage_then_the_late_upload(store, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     a = make_outputs(tmp_path / "a")
     b = make_outputs(tmp_path / "b", seed=b"b")
-    down, logs = sw_cache(tmp_path / "local", url)
     started = time.monotonic()
+    down, logs = remote_cache(tmp_path / "local", url)
     assert down.get("k1", tmp_path / "x", OUTS) is None
     down.put("k1", a, OUTS, {})
     down.put("k2", b, OUTS, {})
@@ -123,9 +110,9 @@ def test_an_outage_then_the_late_upload(store, tmp_path, monkeypatch):
     assert down.pending() == ["k1", "k2"] and down.uploaded == 0
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", env["AWS_ENDPOINT_URL"])  # the store is back
-    up, logs_up = sw_cache(tmp_path / "local", url)
+    up, logs_up = remote_cache(tmp_path / "local", url)
     assert up.upload_pending() == 2 and up.pending() == [] and logs_up == []
-    fresh, _ = sw_cache(tmp_path / "elsewhere", url)
+    fresh, _ = remote_cache(tmp_path / "elsewhere", url)
     assert fresh.get("k2", tmp_path / "z", OUTS)["art/m.pt"] == file_digest(b / "art/m.pt")
 
 
@@ -180,7 +167,6 @@ def test_doit_publishes_restores_and_uploads_late_on_seaweedfs(tiny_project, sto
     # an outage: one warning, entries kept locally; the next build that uses the store uploads them
     fs.rm(url, recursive=True)
     down = tiny_project.copy(tmp_path / "down")
-    started = time.monotonic()
     r = down.doit(env={**remote, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
     assert [ln for ln in r.stderr.splitlines() if "warning" in ln] == [
         next(ln for ln in r.stderr.splitlines() if ln.startswith("warning: remote cache unavailable"))], r.stderr

@@ -14,10 +14,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+import test_cache
 from scenario import Project
 
 pytest.importorskip("distributed")
@@ -28,8 +28,7 @@ STEPS = ("checkpoint:", "export_pytorch:", "convert_coreml:", "bundle_coreml:", 
 
 @pytest.fixture(scope="module")
 def s3_env(s3_server) -> dict:
-    return {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1"}
+    return test_cache.s3_env(s3_server)
 
 
 NAMES = ("alpha", "beta")  # the workers' --name
