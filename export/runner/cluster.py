@@ -117,9 +117,9 @@ class Watch:
         with self._lock:
             self.names[msg.get("address", "")] = str(msg.get("name"))
             self.started.append(str(msg.get("name")))
-            if len(self.started) > 1:
+            if self.lost:  # (a worker lost before the step started on it held it all the same)
                 self.say(f"dask: {self.task} runs again on worker {self.started[-1]} "
-                         f"(attempt {len(self.started)}, after {len(self.lost)} lost worker"
+                         f"(attempt {len(self.lost) + 1}, after {len(self.lost)} lost worker"
                          f"{'s' if len(self.lost) != 1 else ''})")
 
     def on_lost(self, address: str) -> None:
