@@ -34,7 +34,8 @@ from .noop import process_started as _process_started
 # own seconds and peak memory, the action key, the nightly's verdict, the Dask worker that ran it, and
 # verify_coreml's verdict (errors per output, export/coreml/verify.py).
 KEPT = ("outputs", "sizes", "peak_mb", "reserved_mb", "started", "ended", "action_key", "reproducible", "cached",
-        "worker", "uploaded", "verdict", "input_bytes", "lane", "span", "phases", "held", "budget_mb", "quality")
+        "worker", "uploaded", "verdict", "input_bytes", "lane", "span", "phases", "held", "budget_mb", "quality",
+        "lost_workers")
 HEARTBEAT = 60.0  # seconds between "still running" lines when not on a terminal
 
 

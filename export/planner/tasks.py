@@ -424,6 +424,8 @@ def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], 
               "input_bytes": in_bytes, "lane": result["worker"], "span": [entered or result["started"], time.time()]}
     if nightly:
         values["cached"], values["reproducible"] = result["cached"], result["reproducible"]
+    if result.get("lost_workers"):
+        values["lost_workers"] = result["lost_workers"]  # the workers (by name) lost while they held it
     values.update(_verdict(step, outputs, task_name))
     return values
 
@@ -704,19 +706,17 @@ def task_compress_coreml():
         for recipe in m.recipes:
             for part in units(m):
                 for mode, T in m.leaves():
-                    files, contract = export_paths(m, mode, T, part)
+                    _, contract = export_paths(m, mode, T, part)
                     pkg, out, quality = package_path(m, mode, T, part), compressed_path(m, mode, T, recipe.name, part), \
                         quality_path(m, mode, T, recipe.name, part)
-                    kwargs = {"package": str(pkg), "exported": str(files["exported_program"]) if "exported_program" in files
-                              else str(files[m.convert_from]), "contract": str(contract), "recipe": recipe.to_json(),
-                              "out": str(out), "quality": str(quality),
-                              **program_weights(m, "exported_program" if "exported_program" in files else m.convert_from),
+                    kwargs = {"package": str(pkg), "contract": str(contract), "recipe": recipe.to_json(), "out": str(out),
+                              "quality": str(quality),  # the quality runs both packages: no exported program needed
                               "device_limits": device_limits(m)}
                     task = _task("compress_coreml", f"{leaf(m, mode, T, part)}.{recipe.name}",
                                  f"{m.name} {mode} T={T}{_what(part)}: compressed by recipe {recipe.name}, quality measured",
                                  kwargs, {"recipe": recipe.to_json(), **_fail_key(m)}, [out, manifest_of(out), quality],
                                  [manifest_of(out), quality],
-                                 file_dep=[manifest_of(pkg), Path(kwargs["exported"]), contract])
+                                 file_dep=[manifest_of(pkg), contract])
                     task["actions"].append((_quality_values, [quality]))  # the figures reach last_build.json
                     yield task
 

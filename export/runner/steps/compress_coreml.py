@@ -1,5 +1,6 @@
 """compress_coreml: a converted float package + a recipe -> a compressed package, its manifest, and its
-measured quality against the float package (export/coreml/quality.py)."""
+measured quality against the float package (export/coreml/quality.py: both run in the numpy Core ML
+interpreter)."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,7 @@ from ... import atomic
 from ..outputs import write_package_manifest
 
 
-def run(package: str, exported: str, contract: str, recipe: dict, out: str, quality: str,
-        weights: str | None = None, device_limits: dict | None = None) -> None:
+def run(package: str, contract: str, recipe: dict, out: str, quality: str, device_limits: dict | None = None) -> None:
     from ...coreml.checks import check_device_limits, problem_line
     from ...coreml.compress import compress
     from ...coreml.quality import measure
@@ -20,6 +20,6 @@ def run(package: str, exported: str, contract: str, recipe: dict, out: str, qual
     for p in (device or {}).get("problems", ()):
         print(f"warning: {out}: {problem_line(p)}")
     write_package_manifest(Path(out), device=device)
-    figures = measure(Path(package), Path(out), Path(exported), Path(contract), weights=weights)
+    figures = measure(Path(package), Path(out), Path(contract))
     figures["weights_per_part"] = counts
     atomic.write_text(Path(quality), json.dumps(figures, indent=2, sort_keys=True) + "\n")
