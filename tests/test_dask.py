@@ -162,8 +162,8 @@ def test_a_step_no_worker_can_hold_fails_at_once(cluster, tmp_path):
 
     address, _, _ = cluster
     p = Project.create(tmp_path / "project")
-    # ~70 MB of weights: exporting it reserves 400 + 3 x 70 MB, more than any worker's 600 MB
-    config, model = checkpoint.demo_model("student", dict(vocab_size=16000, d_model=512, n_layers=1, n_heads=8,
+    # ~135 MB of weights: exporting it reserves 400 + 2 x 135 MB (export/stepdefs.py), more than any worker's 600 MB
+    config, model = checkpoint.demo_model("student", dict(vocab_size=32000, d_model=512, n_layers=1, n_heads=8,
                                                           n_kv_heads=2, ffn_hidden=512, max_positions=64))
     torch.manual_seed(0)
     checkpoint.save(p.root / "checkpoints" / "student.pt", "student", config, model.state_dict())
