@@ -396,7 +396,8 @@ def need_mb(step: str, kwargs: dict, inputs: list[str]) -> int:
 def _contracts_of(kwargs: dict) -> list[dict]:
     """The contracts a step runs (a leaf's, or every function's of a bundle), as far as they can be read: a
     contract that cannot be read is the step's own error to report, not the ledger's."""
-    paths = ([kwargs["contract"]] if "contract" in kwargs else []) + list(kwargs.get("contracts", {}).values())
+    more = kwargs.get("contracts") or ()
+    paths = ([kwargs["contract"]] if "contract" in kwargs else []) + list(more.values() if isinstance(more, dict) else more)
     out = []
     for p in paths:
         try:
