@@ -2,8 +2,9 @@
 
 A temporary project (this checkout's dodo.py and export/, the reference student of bench/bench_build.py:
 d 512, 6 layers, 32k vocab, ~50M parameters, seeded random weights) builds prefill at T=512 for minimumDeploymentTarget iOS18 with three recipes side by
-side; each recipe's package size and its measured quality against the float package
-(export/coreml/quality.py) are read from artifacts/student/coreml/prefill_T512.<recipe>.quality.json.
+side (the recipes of README "Deployment recipes", tests/scenario.py RECIPES_TOML, which tests/test_recipes.py
+builds too); each recipe's package size and its measured quality against the float package
+(export/coreml/quality.py: both packages run in the numpy Core ML interpreter on the same fixed tokens) are read from artifacts/student/coreml/prefill_T512.<recipe>.quality.json.
 Results go to bench/results/recipes-<timestamp>.json with machine and versions; a table sorted by size is
 printed.
 
@@ -25,22 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, machine  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
-from scenario import project_toml  # noqa: E402
+from scenario import RECIPES_TOML, export_head, model_toml, project_toml  # noqa: E402
 from bench_build import REFERENCE, make_checkpoint  # noqa: E402
 
 from export.toolchain import versions  # noqa: E402
-
-RECIPES = """
-[tool.export.recipes.lut4]
-default = { palettize_bits = 4, granularity = "per_grouped_channel", group_size = 16 }
-lm_head = { palettize_bits = 6, granularity = "per_grouped_channel", group_size = 16 }
-
-[tool.export.recipes.int4]
-default = { quantize = "int4", block_size = 32 }
-
-[tool.export.recipes.int8]
-default = { quantize = "int8" }
-"""
 
 
 def main() -> None:
@@ -55,19 +44,9 @@ def main() -> None:
         (root / "checkpoints").mkdir()
         params = make_checkpoint(root / "checkpoints" / "student.pt", REFERENCE)
         (root / "shape_sets.json").write_text(json.dumps({"bench": {"prefill": [args.T]}}))
-        (root / "pyproject.toml").write_text(project_toml(f"""[tool.export]
-artifacts = "artifacts"
-shape_sets = "shape_sets.json"
-{RECIPES}
-[[tool.export.models]]
-name = "student"
-architecture = "student"
-checkpoint = "checkpoints/student.pt"
-shape_set = "bench"
-modes = ["prefill"]
-coreml = {{ minimum_deployment_target = "iOS18" }}
-recipes = ["lut4", "int4", "int8"]
-""", name="bench-recipes"))
+        (root / "pyproject.toml").write_text(project_toml(export_head() + RECIPES_TOML + model_toml(
+            "student", "student", "checkpoints/student.pt", "bench", modes='["prefill"]',
+            coreml='{ minimum_deployment_target = "iOS18" }', recipes='["lut4", "int4", "int8"]'), name="bench-recipes"))
         env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_EXPORT_")}
         env["MODEL_EXPORT_CACHE"] = str(Path(tmp) / "cache")
         start = time.perf_counter()
@@ -90,6 +69,7 @@ recipes = ["lut4", "int4", "int8"]
     for row in rows:
         print(f"| {row['recipe']} | {row['size_bytes'] / 1e6:.1f} | {row['size_bytes'] / row['float_size_bytes']:.3f} | "
               f"{row['max_abs_err']:.4f} | {row['mean_abs_err']:.5f} | {row['top1_agreement']:.4f} | {row['mean_kl']:.6f} |")
+    print(f"quality: {rows[0]['method']}")
     print(f"{params} parameters; float package: {rows[0]['float_size_bytes'] / 1e6:.1f} MB; build {seconds:.0f} s; {out}")
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from . import atomic
-from .checkpoint_files import FOLDER_FILES
+from .checkpoint_files import FOLDER_FILES, input_files
+from .parts import INDEX_FILE
 from .errors import ExportError, cli_errors
 from .models.registry import get
 from .models.common import config_from_dict
@@ -84,7 +85,10 @@ class FolderLoaded(Loaded):
     @property
     def state_dict(self) -> dict:
         if self._state is None:
-            self._state = _read_safetensors_state(self.path / "model.safetensors")
+            self._state = {}
+            for f in input_files(self.path):  # model.safetensors, or every shard of the index
+                if f.suffix == ".safetensors":
+                    self._state.update(_read_safetensors_state(f))
         return self._state
 
     def model(self) -> torch.nn.Module:
@@ -173,20 +177,77 @@ def _read_safetensors_state(path: Path) -> dict:
 
 
 def _load_folder(path: Path) -> FolderLoaded:
-    """A transformers model folder: config.json + model.safetensors (no pickles, no remote code)."""
-    for name in FOLDER_FILES:
+    """A transformers model folder: config.json + model.safetensors, or + model.safetensors.index.json and its
+    shards (no pickles, no remote code)."""
+    has_index = (path / INDEX_FILE).is_file()
+    for name in ("config.json",) if has_index else FOLDER_FILES:
         if not (path / name).is_file():
-            raise ExportError(f"a model folder needs {' and '.join(FOLDER_FILES)}; {name} is missing", file=path / name, field="checkpoint")
+            raise ExportError(f"a model folder needs {' and '.join(FOLDER_FILES)} (or {INDEX_FILE} and its shards); "
+                              f"{name} is missing", file=path / name, field="checkpoint")
     from safetensors import SafetensorError, safe_open
 
-    try:  # the header only: a lying or truncated file is refused before transformers sees it
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            f.keys()
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ExportError(f"not a readable safetensors file (corrupt, truncated or a lying header): {str(e)[:160]}",
-                          file=path / "model.safetensors", field="header") from None
+    for f in input_files(path):
+        if f.suffix != ".safetensors":
+            continue
+        if not f.is_file():
+            raise ExportError("the index names this shard, which is missing", file=f, field="checkpoint")
+        try:  # the header only: a lying or truncated file is refused before transformers sees it
+            with safe_open(str(f), framework="pt") as h:
+                h.keys()
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ExportError(f"not a readable safetensors file (corrupt, truncated or a lying header): {str(e)[:160]}",
+                              file=f, field="header") from None
     arch = get(FOLDER_ARCHITECTURE, file=path, field="architecture")
     return FolderLoaded(path, arch, arch.load_config(path))
+
+
+def load_part(path: Path | str, part: dict):
+    """(architecture, config, module) of one part of a parted model (export/parts.py): the part's modules are
+    made on the meta device and take the part's tensors, read one by one from the memory-mapped safetensors
+    files (a split head's pieces as row slices); no other part's weights are read or made."""
+    from safetensors import SafetensorError, safe_open
+
+    from . import parts as parts_mod
+    from .models.decoder_lm import PartSpec
+
+    path = Path(path)
+    info = parts_mod.index(path)
+    arch = get(info.architecture, file=path, field="architecture")
+    if path.is_dir():
+        config = arch.load_config(path)
+    else:
+        _, meta, _ = parts_mod.read_header(path)
+        raw = json.loads(meta["config"]) if "config" in meta else json.loads(path.with_name("config.json").read_text())["config"]
+        config = config_from_dict(arch.config_cls, raw, file=path, field="config")
+    spec = PartSpec.from_json(part)
+    with torch.device("meta"):
+        module = arch.build_part(config, spec)
+    lay = info.layout
+    by_file: dict[str, list] = {}
+    for key, (name, rows) in module.sources().items():
+        if name not in info.tensors and name == lay.head_weight and info.tied:
+            name = lay.embed_weight  # tied: the head is the embeddings' weight
+        ref = info.tensors.get(name)
+        if ref is None:
+            raise ExportError(f"part {spec.name} needs tensor {name!r}, which the checkpoint lacks", file=path,
+                              field=f"tensors.{name}")
+        by_file.setdefault(ref.file, []).append((key, name, rows))
+    state = {}
+    try:
+        for file, wanted in sorted(by_file.items()):
+            with safe_open(file, framework="pt") as f:
+                for key, name, rows in wanted:
+                    state[key] = f.get_slice(name)[rows[0]:rows[1]] if rows else f.get_tensor(name)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ExportError(f"not a readable safetensors file: {str(e)[:160]}", file=path, field="header") from None
+    expected = module.state_dict()
+    for key, t in state.items():
+        if tuple(t.shape) != tuple(expected[key].shape):
+            raise ExportError(f"shape {tuple(t.shape)} does not match the config's {tuple(expected[key].shape)}",
+                              file=path, field=f"state_dict.{key}")
+    module.load_state_dict(state, strict=True, assign=True)
+    module.finish()
+    return arch, config, module.float().eval()
 
 
 def load(path: Path | str) -> Loaded:

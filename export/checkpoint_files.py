@@ -1,8 +1,10 @@
 """The files a checkpoint consists of, without importing torch (the task graph reads this).
 
 A checkpoint is one file (``.pt``, ``.safetensors``) or a transformers model
-folder holding ``config.json`` and ``model.safetensors``: the build depends on
-those two files, and a checkpoint's digest covers exactly them.
+folder holding ``config.json`` and ``model.safetensors``, or ``config.json``,
+``model.safetensors.index.json`` and the shards it names (``save_pretrained``
+with ``max_shard_size``): the build depends on those files, and a
+checkpoint's digest covers exactly them.
 """
 from __future__ import annotations
 
@@ -10,14 +12,14 @@ import json
 from pathlib import Path
 
 from .digest import file_digest
+from .parts import checkpoint_files
 
 FOLDER_FILES = ("config.json", "model.safetensors")
 
 
 def input_files(path: Path | str) -> list[Path]:
     """The files whose bytes make up the checkpoint at ``path``."""
-    path = Path(path)
-    return [path / name for name in FOLDER_FILES] if path.is_dir() else [path]
+    return checkpoint_files(Path(path))
 
 
 def digest(path: Path | str, file_digest=file_digest) -> str:

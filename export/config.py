@@ -15,6 +15,11 @@ formats = ["exported_program"]     # export formats: exported_program, torchscri
 convert_from = "exported_program"  # which export Core ML converts
 dtype = "fp32"                     # export dtype: fp32 | fp16
 coreml = { compute_precision = "fp16" }   # Core ML options, see export.coreml.options
+# a decoder LM built as a chain of parts (export/parts.py; a safetensors checkpoint); none of these: one whole model
+chunks = 4                         # decoder-layer chunks (or max_part_mb = 900: the fewest chunks whose parts fit)
+embed_part = false                 # the embeddings as a part of their own ("embed")
+head_part = false                  # the final norm and the LM head as a part of their own ("head")
+head_split = "none"                # "auto": logits in pieces of at most 16384 vocabulary rows; or a number of rows
 
 [tool.export.cache]                # optional
 local = "~/.cache/model-export"    # shared by checkouts; $MODEL_EXPORT_CACHE
@@ -53,8 +58,27 @@ TOP_KEYS = {"artifacts", "shape_sets", "models", "cache", "memory_budget_mb", "d
 CACHE_KEYS = {"local", "remote", "read_only"}
 DASK_KEYS = {"scheduler", "lanes"}
 MODEL_KEYS = {"name", "architecture", "checkpoint", "shape_set", "modes", "formats", "convert_from", "dtype", "coreml",
-              "recipes", "metadata"}
+              "recipes", "metadata", "chunks", "max_part_mb", "embed_part", "head_part", "head_split",
+              "device_limits"}
+PART_KEYS = ("chunks", "max_part_mb", "embed_part", "head_part", "head_split")  # any of them makes a model parted
+ANE_MAX_DIM = 16384  # the Neural Engine's largest tensor dimension: head_split = "auto" keeps logits pieces within it
+PART_ARCHITECTURES = ("student", "hf-causal-lm")  # the decoder LMs of export/models/decoder_lm.py
+DEVICE_LIMITS = ("warn", "fail")  # what a package over a device limit does (export/coreml/checks.py, device_problems)
 METADATA_KEYS = ("author", "license", "version", "short_description")  # the package's own metadata fields
+
+
+@dataclass(frozen=True)
+class PartsConfig:
+    """How a model is cut into parts (export/parts.py makes the plan from the checkpoint's header)."""
+    chunks: int | None = None          # decoder-layer chunks; None: derived from max_part_mb (else 1)
+    max_part_mb: float | None = None   # the largest part's weights in its package, MB (2**20 bytes)
+    embed_part: bool = False           # the embeddings as a part of their own ("embed")
+    head_part: bool = False            # the final norm and LM head as a part of their own ("head")
+    head_split: int | None = None      # logits in pieces of at most this many vocabulary rows (None: one piece)
+
+    def to_json(self) -> dict:
+        return {"chunks": self.chunks, "max_part_mb": self.max_part_mb, "embed_part": self.embed_part,
+                "head_part": self.head_part, "head_split": self.head_split}
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,9 @@ class ModelConfig:
     coreml: CoreMLOptions
     recipes: tuple[Recipe, ...] = ()                 # export/recipes.py: each builds compressed packages + a bundle
     metadata: tuple[tuple[str, str], ...] = ()       # METADATA_KEYS given, in that order
+    parts: PartsConfig | None = None                 # a parted model (chunks, ...); None: one package per (mode, T)
+    index: int = 0                                   # its place in tool.export.models (errors name the field)
+    device_limits: str = "warn"                      # DEVICE_LIMITS: a package over a device limit warns, or fails
 
     @property
     def is_demo(self) -> bool:
@@ -313,9 +340,55 @@ def _model(raw, i, *, sets, sets_file, file, recipes=None) -> ModelConfig:
                           f"{' or '.join(STATEFUL_TARGETS)}: set coreml.minimum_deployment_target to one of them (got "
                           f"{coreml.minimum_deployment_target!r})", file=file, field=f"{at}.coreml.compression")
     chosen_recipes = _model_recipes(raw, at, recipes or {}, coreml, file=file)
+    device_limits = _expect(raw.get("device_limits", "warn"), str, file=file, field=f"{at}.device_limits")
+    if device_limits not in DEVICE_LIMITS:
+        raise ExportError(f"expected one of {list(DEVICE_LIMITS)}, got {device_limits!r}", file=file, field=f"{at}.device_limits")
+    parts = _parts(raw, at, arch=arch, checkpoint=checkpoint, file=file)
     return ModelConfig(name=name, architecture=arch, checkpoint=checkpoint, shape_set=set_name, modes=modes,
                        enumerated_T=enumerated, formats=formats, convert_from=convert_from, dtype=dtype, coreml=coreml,
-                       recipes=chosen_recipes, metadata=_metadata(raw.get("metadata", {}), f"{at}.metadata", file=file))
+                       recipes=chosen_recipes, metadata=_metadata(raw.get("metadata", {}), f"{at}.metadata", file=file),
+                       parts=parts, index=i, device_limits=device_limits)
+
+
+def _parts(raw, at, *, arch: str, checkpoint: str, file) -> PartsConfig | None:
+    """``chunks``/``max_part_mb``/``embed_part``/``head_part``/``head_split``: the model's parts. What needs the
+    checkpoint (its layer count, its tensors' sizes) is checked by export/parts.py before any step runs."""
+    given = [k for k in PART_KEYS if k in raw]
+    if not given:
+        return None
+    first = f"{at}.{given[0]}"
+    if arch not in PART_ARCHITECTURES:
+        raise ExportError(f"architecture {arch!r} is not a decoder LM that can be cut into parts (those are "
+                          f"{list(PART_ARCHITECTURES)})", file=file, field=first)
+    if checkpoint == "demo" or not (checkpoint.endswith(".safetensors") or "." not in Path(checkpoint).name):
+        raise ExportError(f"a parted model needs a safetensors checkpoint (a .safetensors file or a model folder): its "
+                          f"parts are keyed and loaded tensor by tensor from the header, got {checkpoint!r}",
+                          file=file, field=first)
+    chunks = raw.get("chunks")
+    if chunks is not None and _expect(chunks, int, file=file, field=f"{at}.chunks", what="a whole number") < 1:
+        raise ExportError(f"must be at least 1, got {chunks}", file=file, field=f"{at}.chunks")
+    mb = raw.get("max_part_mb")
+    if mb is not None:
+        _expect(mb, (int, float), file=file, field=f"{at}.max_part_mb", what="a number of MB")
+        if not mb > 0 or mb != mb or mb == float("inf"):
+            raise ExportError(f"must be a positive number of MB, got {mb}", file=file, field=f"{at}.max_part_mb")
+        if chunks is not None:
+            raise ExportError("give chunks or max_part_mb, not both (max_part_mb derives the number of chunks)",
+                              file=file, field=f"{at}.max_part_mb")
+    embed = _expect(raw.get("embed_part", False), bool, file=file, field=f"{at}.embed_part", what="true or false")
+    head = _expect(raw.get("head_part", False), bool, file=file, field=f"{at}.head_part", what="true or false")
+    split = raw.get("head_split", "none")
+    if split == "none":
+        rows = None
+    elif split == "auto":
+        rows = ANE_MAX_DIM
+    elif isinstance(split, int) and not isinstance(split, bool) and 1 <= split <= ANE_MAX_DIM:
+        rows = split
+    else:
+        raise ExportError(f"expected \"auto\" (pieces of at most {ANE_MAX_DIM} vocabulary rows), \"none\", or the "
+                          f"rows per piece (1..{ANE_MAX_DIM}), got {split!r}", file=file, field=f"{at}.head_split")
+    return PartsConfig(chunks=chunks, max_part_mb=float(mb) if mb is not None else None, embed_part=embed,
+                       head_part=head, head_split=rows)
 
 
 def _model_recipes(raw, at, recipes: dict[str, Recipe], coreml: CoreMLOptions, *, file) -> tuple[Recipe, ...]:

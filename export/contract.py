@@ -17,6 +17,16 @@ Fields of a per-(mode, T) contract:
   with the file name relative to the contract's folder and its xxh3-128 digest.
 - ``checkpoint``: ``{digest}`` of the checkpoint the export came from.
 - ``toolchain``: python, torch, coremltools, numpy, ... versions.
+- ``part`` (a parted model's part only): ``{name, index, layers: [first, end], embed, head, logits}``:
+  which part of the chain this is, the decoder layers it runs (its K/V tensors hold exactly these, in
+  order), whether it takes ``input_ids`` (else ``hidden_in``) and gives logits (else ``hidden_out``),
+  and the vocabulary rows of each logits piece (``[[name, first_row, end_row], ...]``; a split head
+  gives ``logits_0`` .. ``logits_k``, concatenated by the app on the last axis).
+  ``checkpoint.digest`` is then the part's own digest: the model config and the part's tensors.
+
+The model's ``contract.json`` of a parted model (``chain_contract``) lists the parts in chain order:
+each part's bundle, its layers, and what feeds what (``hidden_out`` of one part is ``hidden_in`` of the
+next; the first takes ``input_ids`` and ``position_ids``, every chunk takes ``position_ids`` too).
 """
 from __future__ import annotations
 
@@ -61,6 +71,21 @@ _ENTRY_PROPS = {
         },
     },
 }
+_PART = {
+    "type": "object",
+    "required": ["name", "index", "layers", "embed", "head", "logits", "vocab_size"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "pattern": "^(embed|head|chunk[0-9]+)$"},
+        "index": {"type": "integer", "minimum": 0},
+        "layers": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 2, "maxItems": 2},
+        "embed": {"type": "boolean"},
+        "head": {"type": "boolean"},
+        "logits": {"type": "array", "items": {"type": "array", "minItems": 3, "maxItems": 3}},
+        "vocab_size": {"type": "integer", "minimum": 1},
+    },
+}
+_ENTRY_PROPS["part"] = _PART
 CONTRACT_SCHEMA = {
     "type": "object",
     "required": ["schema", "schema_version", "model", "architecture", "mode", "T", "dtype",
@@ -86,11 +111,70 @@ AGGREGATE_SCHEMA = {
         "architecture": {"type": "string"},
         "enumerated_T": {"type": "object", "additionalProperties": {"type": "array", "items": _T}},
         "functions": {"type": "object", "additionalProperties": CONTRACT_SCHEMA},
+        "part": _PART,
         "files": {"type": "object", "additionalProperties": {  # files shipped beside the bundle (a tokenizer)
             "type": "object", "required": ["file", "digest"], "additionalProperties": False,
             "properties": {"file": {"type": "string"}, "digest": {"type": "string"}}}},
     },
 }
+
+
+CHAIN_SCHEMA = {
+    "type": "object",
+    "required": ["schema", "schema_version", "model", "architecture", "enumerated_T", "chain"],
+    "additionalProperties": False,
+    "properties": {
+        "schema": {"const": SCHEMA},
+        "schema_version": {"const": SCHEMA_VERSION},
+        "model": {"type": "string"},
+        "architecture": {"type": "string"},
+        "enumerated_T": {"type": "object", "additionalProperties": {"type": "array", "items": _T}},
+        "chain": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["part", "bundle", "contract", "layers", "modes", "feeds", "kv_layers"],
+            "additionalProperties": False,
+            "properties": {
+                "part": {"type": "string"}, "bundle": {"type": "string"}, "contract": {"type": "string"},
+                "layers": {"type": "array", "items": {"type": "integer"}},
+                "modes": {"type": "object", "additionalProperties": {
+                    "type": "object", "required": ["inputs", "outputs", "states"],
+                    "additionalProperties": {"type": "array", "items": {"type": "string"}}}},
+                "feeds": {"type": ["string", "null"]},
+                "kv_layers": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "integer"}}},
+                "logits": {"type": "array"},
+            }}},
+        "files": AGGREGATE_SCHEMA["properties"]["files"],
+    },
+}
+
+
+KV_NAMES = ("k_cache", "v_cache", "k_new", "v_new")  # a chunk's K/V tensors: its layers [first, end) only
+
+
+def part_entry(part: dict, vocab: int) -> dict:
+    """A contract's ``part`` from export/parts.py's ``Part.to_json()``."""
+    rows = part.get("head_split") or vocab
+    pieces = [(a, min(a + rows, vocab)) for a in range(0, vocab, rows)] if part["head"] else []
+    names = ["logits"] if len(pieces) == 1 and not part.get("head_split") else [f"logits_{i}" for i in range(len(pieces))]
+    return {"name": part["name"], "index": part["index"], "layers": [part["first"], part["end"]],
+            "embed": part["embed"], "head": part["head"], "logits": [[n, a, b] for n, (a, b) in zip(names, pieces)],
+            "vocab_size": vocab}
+
+
+def chain_contract(model: str, architecture: str, parts: list[tuple[dict, str, str]]) -> dict:
+    """The model's contract.json of a parted model: ``parts`` = (the part's aggregate contract, its bundle's and
+    its contract's file names relative to the model folder), in chain order."""
+    chain = []
+    for i, (agg, bundle, cfile) in enumerate(parts):
+        p = agg["part"]
+        nxt = parts[i + 1][0]["part"]["name"] if i + 1 < len(parts) else None
+        modes = {}
+        for f in agg["functions"].values():  # names per mode (shapes per T are in the part's contract)
+            modes.setdefault(f["mode"], {k: [t["name"] for t in f[k]] for k in ("inputs", "outputs", "states")})
+        kv = sorted({n for m in modes.values() for k in m.values() for n in k if n in KV_NAMES})
+        chain.append({"part": p["name"], "bundle": bundle, "contract": cfile, "layers": p["layers"], "modes": modes,
+                      "feeds": nxt, "kv_layers": {n: p["layers"] for n in kv}, "logits": p["logits"]})
+    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "model": model, "architecture": architecture,
+            "enumerated_T": parts[0][0]["enumerated_T"], "chain": chain}
 
 
 def entry_name(mode: str, T: int) -> str:
@@ -105,7 +189,7 @@ def _field(path) -> str:
     return out or "(top level)"
 
 
-def validate(data: object, *, file: object, aggregate: bool = False) -> dict:
+def validate(data: object, *, file: object, aggregate: bool = False, chain: bool = False) -> dict:
     """Check ``data`` against the schema; raise ExportError naming the file and the field."""
     if isinstance(data, dict):
         if data.get("schema") not in (None, SCHEMA):
@@ -113,13 +197,13 @@ def validate(data: object, *, file: object, aggregate: bool = False) -> dict:
         v = data.get("schema_version")
         if isinstance(v, int) and not isinstance(v, bool) and v > SCHEMA_VERSION:
             raise ExportError(f"schema version {v} is newer than this tool reads ({SCHEMA_VERSION}); upgrade model-export", file=file, field="schema_version")
-    schema = AGGREGATE_SCHEMA if aggregate else CONTRACT_SCHEMA
+    schema = CHAIN_SCHEMA if chain else AGGREGATE_SCHEMA if aggregate else CONTRACT_SCHEMA
     import jsonschema  # here, not at the top: the task graph imports this module and never validates
 
     err = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(data))
     if err is not None:
         raise ExportError(err.message[:300], file=file, field=_field(err.absolute_path))
-    if not aggregate:
+    if not aggregate and not chain:
         _check_entry(data, file)
     return data
 
@@ -153,8 +237,8 @@ def dumps(data: dict) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
-def write(path: Path | str, data: dict, *, aggregate: bool = False) -> None:
-    validate(data, file=path, aggregate=aggregate)
+def write(path: Path | str, data: dict, *, aggregate: bool = False, chain: bool = False) -> None:
+    validate(data, file=path, aggregate=aggregate, chain=chain)
     atomic.write_text(path, dumps(data))
 
 
@@ -166,9 +250,14 @@ def aggregate(contracts: list[dict]) -> dict:
     modes: dict[str, list[int]] = {}
     for c in contracts:
         modes.setdefault(c["mode"], []).append(c["T"])
-    return {
+    agg = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "model": first["model"], "architecture": first["architecture"],
         "enumerated_T": {m: sorted(ts) for m, ts in modes.items()},
         "functions": {entry_name(c["mode"], c["T"]): c for c in contracts},
     }
+    if "part" in first:  # one part's bundle: every function is that part
+        if any(c.get("part") != first["part"] for c in contracts):
+            raise ExportError("the contracts are of different parts", field="functions")
+        agg["part"] = first["part"]
+    return agg

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, checkpoint_files, contract, shape_sets
+from . import atomic, checkpoint_files, contract, program_weights, shape_sets
 from .checkpoint import Loaded, load
 from .digest import bytes_digest
 from .errors import ExportError, cli_errors
@@ -97,22 +97,22 @@ def export_torchscript(wrapper, example) -> bytes:
     return _canonical_torchscript(buf.getvalue())
 
 
-def export_program(wrapper, example, keep=None) -> bytes:
+def export_program(wrapper, example, keep=None, weights: Path | str | None = None) -> bytes:
     """``torch.export`` traces with fake tensors: no real forward pass, whatever T is.
 
     ``keep(digest, program, size)``, if given, receives the program with the digest of its saved bytes
-    (a worker that converts it next need not load the file again: export/runner/programs.py)."""
+    (a worker that converts it next need not load the file again: export/runner/programs.py); ``size``
+    counts the weights in memory, saved or not. ``weights``: the checkpoint the model was loaded from;
+    the program is then saved without the weights that are its tensors (export/program_weights.py)."""
     ep = torch.export.export(wrapper, example, strict=False)
     ep._example_inputs = None  # else every .pt2 stores its (T-sized) example K/V cache
     for node in ep.graph.nodes:  # absolute source paths would make the bytes depend on the checkout
         trace = portable_source(node.meta.pop("stack_trace", None))
         if trace:
             node.meta["stack_trace"] = trace  # the preflight says where an unsupported op comes from
-    buf = io.BytesIO()
-    torch.export.save(ep, buf)
-    data = buf.getvalue()
+    data, external = program_weights.save(ep, weights)
     if keep is not None:
-        keep(bytes_digest(data), ep, len(data))
+        keep(bytes_digest(data), ep, len(data) + external)
     return data
 
 
@@ -121,8 +121,12 @@ EXPORTERS = {"torchscript": export_torchscript, "exported_program": export_progr
 
 def export_entry(ck: Loaded, model: torch.nn.Module, out_dir: Path, *, model_name: str, mode: str, T: int,
                  formats: list[str], dtype: str = "fp32",
-                 checkpoint_digest: str | None = None, kv_cache: str = "explicit", keep=None) -> dict:
+                 checkpoint_digest: str | None = None, kv_cache: str = "explicit", keep=None,
+                 external_weights: bool = False) -> dict:
     """Export one (mode, T) of a loaded model in each format; write its files and contract atomically.
+
+    ``external_weights``: the ``.pt2`` keeps its weights in the checkpoint (what the build does: one copy
+    of the weights on disk, export/program_weights.py); else it is self-contained (the CLI).
 
     ``kv_cache="state"``: modes with a cache keep it in buffers updated in place
     (the contract lists them as ``states``); modes without one are unchanged.
@@ -140,7 +144,8 @@ def export_entry(ck: Loaded, model: torch.nn.Module, out_dir: Path, *, model_nam
     blobs = {}
     with torch.no_grad():
         for fmt in formats:
-            blobs[fmt] = export_program(wrapper, example, keep) if fmt == "exported_program" else EXPORTERS[fmt](wrapper, example)
+            blobs[fmt] = (export_program(wrapper, example, keep, ck.path if external_weights else None)
+                          if fmt == "exported_program" else EXPORTERS[fmt](wrapper, example))
     data = {
         "schema": contract.SCHEMA, "schema_version": contract.SCHEMA_VERSION,
         "model": model_name, "architecture": arch.name, "mode": mode, "T": T,
@@ -157,11 +162,55 @@ def export_entry(ck: Loaded, model: torch.nn.Module, out_dir: Path, *, model_nam
     return data
 
 
+def export_part(checkpoint: Path | str, part: dict, out_dir: Path, *, model_name: str, mode: str, T: int,
+                formats: list[str], dtype: str = "fp32", kv_cache: str = "explicit", loaded=None, keep=None) -> dict:
+    """Export one part of a parted model (export/parts.py) at one (mode, T): its files and its contract, which
+    names the part, its layers and its place in the chain. ``part``: ``Part.to_json()`` plus ``digest`` (its
+    tensors' and the config's, export/parts.py ``part_digest``: the contract's checkpoint digest).
+    ``loaded``: (architecture, config, module) of this part, if the caller has it (export/runner/checkpoints.py)."""
+    from .checkpoint import load_part
+    from .models.decoder_lm import PartSpec, part_example_inputs, part_io, wrap_part
+
+    arch, config, module = loaded or load_part(checkpoint, part)
+    if mode not in arch.modes:
+        raise ExportError(f"architecture {arch.name!r} has no mode {mode!r}; it has {list(arch.modes)}", file=checkpoint,
+                          field="mode")
+    shape_sets.check_ts([T], file=checkpoint, field="T", max_positions=arch.max_positions(config))
+    spec_part, dt = PartSpec.from_json(part), DTYPES[dtype]
+    d, hidden = module.dims, arch.hidden_size(config)
+    spec = part_io(d, hidden, spec_part, mode, T, _dtype_name(dtype), kv_cache=kv_cache)
+    example = part_example_inputs(d, hidden, spec_part, mode, T, dt, torch.Generator().manual_seed(EXAMPLE_SEED),
+                                  kv_cache=kv_cache)
+    typed = module if dt == torch.float32 else copy.deepcopy(module).to(dt)
+    wrapper = wrap_part(typed, mode, kv_cache=kv_cache, T=T).eval()
+    stem = contract.entry_name(mode, T)
+    blobs = {}
+    with torch.no_grad():
+        for fmt in formats:
+            blobs[fmt] = export_program(wrapper, example, keep) if fmt == "exported_program" else EXPORTERS[fmt](wrapper, example)
+    data = {
+        "schema": contract.SCHEMA, "schema_version": contract.SCHEMA_VERSION,
+        "model": model_name, "architecture": arch.name, "mode": mode, "T": T,
+        "dtype": _dtype_name(dtype),
+        "inputs": [t.to_json() for t in spec.inputs], "outputs": [t.to_json() for t in spec.outputs],
+        "states": [t.to_json() for t in spec.states], "kv_cache": "state" if spec.states else "explicit",
+        "exports": {fmt: {"file": stem + contract.FORMATS[fmt], "digest": bytes_digest(b)} for fmt, b in blobs.items()},
+        "checkpoint": {"digest": part["digest"]},
+        "part": contract.part_entry(part, vocab=d.vocab_size),
+        "toolchain": versions(STEPS["export_pytorch"].tools + arch.tools),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for fmt, blob in blobs.items():
+        atomic.write_bytes(out_dir / (stem + contract.FORMATS[fmt]), blob)
+    contract.write(out_dir / f"{stem}.contract.json", data)  # last: the contract commits the entry
+    return data
+
+
 def export_model(checkpoint: Path | str, out_dir: Path | str, *, modes: list[str] | None = None,
                  enumerated_T: list[int] | dict[str, list[int]] | None = None,
                  formats: list[str] = tuple(contract.FORMATS), dtype: str = "fp32",
                  model_name: str | None = None, shape_sets_file: Path | str | None = None,
-                 shape_set: str | None = None, kv_cache: str = "explicit") -> dict:
+                 shape_set: str | None = None, kv_cache: str = "explicit", external_weights: bool = False) -> dict:
     """Export every (mode, T) of a checkpoint; returns the aggregate contract (also written as contract.json).
 
     ``enumerated_T`` is a list (every mode) or a mode -> list mapping; by default
@@ -178,7 +227,7 @@ def export_model(checkpoint: Path | str, out_dir: Path | str, *, modes: list[str
     digest = checkpoint_files.digest(ck.path)
     entries = [
         export_entry(ck, model, out_dir, model_name=name, mode=mode, T=T, formats=list(formats), dtype=dtype,
-                     checkpoint_digest=digest, kv_cache=kv_cache)
+                     checkpoint_digest=digest, kv_cache=kv_cache, external_weights=external_weights)
         for mode in modes for T in per_mode[mode]
     ]
     agg = contract.aggregate(entries)
@@ -248,13 +297,16 @@ def main(argv=None) -> None:
     p.add_argument("--model-name", help="name recorded in the contracts (default: the architecture)")
     p.add_argument("--shape-sets", type=Path, help="shape sets file (default: ./shape_sets.json)")
     p.add_argument("--shape-set", help="which shape set (default: the architecture's name, else 'default')")
+    p.add_argument("--external-weights", action="store_true",
+                   help="save each .pt2 as the build does: its graph, referring to the checkpoint's tensors by digest "
+                        "(convert or verify it with --weights CHECKPOINT); default: self-contained files")
     args = p.parse_args(argv)
     formats = list(contract.FORMATS) if args.format == "both" else [args.format]
     with cli_errors():
         modes = None if args.mode == "both" else [args.mode]
         agg = export_model(args.checkpoint, args.out, modes=modes, enumerated_T=args.enumerated_T, formats=formats,
                            dtype=args.dtype, model_name=args.model_name, shape_sets_file=args.shape_sets,
-                           shape_set=args.shape_set, kv_cache=args.kv_cache)
+                           shape_set=args.shape_set, kv_cache=args.kv_cache, external_weights=args.external_weights)
         for name, c in agg["functions"].items():
             files = ", ".join(e["file"] for e in c["exports"].values())
             print(f"{name}: {files}")

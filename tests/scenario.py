@@ -25,34 +25,46 @@ SHAPE_SETS = {
 }
 STUDENT = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_positions=64)
 
-EXPORT_TOML = """\
-[tool.export]
-artifacts = "artifacts"
-shape_sets = "shape_sets.json"
+def export_head(artifacts: str = "artifacts") -> str:
+    """The ``[tool.export]`` table's own keys (a project's models follow it)."""
+    return f'[tool.export]\nartifacts = "{artifacts}"\nshape_sets = "shape_sets.json"\n'
 
-[[tool.export.models]]
-name = "student"
-architecture = "student"
-checkpoint = "checkpoints/student.pt"
-shape_set = "tiny"
-coreml = {{ compute_precision = "{precision}" }}
 
-[[tool.export.models]]
-name = "judge"
-architecture = "judge"
-checkpoint = "demo"
-shape_set = "tiny_judge"
-"""
+def model_toml(name: str, architecture: str, checkpoint: str, shape_set: str, **fields: str) -> str:
+    """One ``[[tool.export.models]]`` block; ``fields``: more keys, each a TOML value as written
+    (``modes='["prefill"]'``, ``coreml='{ minimum_deployment_target = "iOS18" }'``)."""
+    lines = ["", "[[tool.export.models]]", f'name = "{name}"', f'architecture = "{architecture}"',
+             f'checkpoint = "{checkpoint}"', f'shape_set = "{shape_set}"', *(f"{k} = {v}" for k, v in fields.items())]
+    return "\n".join(lines) + "\n"
+
+
+def judge_toml(shape_set: str = "judge", name: str = "judge", **fields: str) -> str:
+    """The demo judge's model block (its checkpoint made on demand, the same bytes every time)."""
+    return model_toml(name, "judge", "demo", shape_set, **fields)
 
 
 def student_toml(shape_set: str, modes: tuple[str, ...] | None = None) -> str:
     """The [tool.export] of a project with one student, its checkpoint at checkpoints/student.pt."""
-    lines = ['[tool.export]', 'artifacts = "artifacts"', 'shape_sets = "shape_sets.json"', '',
-             '[[tool.export.models]]', 'name = "student"', 'architecture = "student"',
-             'checkpoint = "checkpoints/student.pt"', f'shape_set = "{shape_set}"']
-    if modes:
-        lines.append("modes = [" + ", ".join(f'"{m}"' for m in modes) + "]")
-    return "\n".join(lines) + "\n"
+    fields = {"modes": "[" + ", ".join(f'"{m}"' for m in modes) + "]"} if modes else {}
+    return export_head() + model_toml("student", "student", "checkpoints/student.pt", shape_set, **fields)
+
+
+EXPORT_TOML = (export_head() + model_toml("student", "student", "checkpoints/student.pt", "tiny",
+                                          coreml='{{ compute_precision = "{precision}" }}') + judge_toml("tiny_judge"))
+
+# The recipes of README "Deployment recipes" (tests/test_recipes.py, bench/bench_recipes.py)
+RECIPES_TOML = """
+[tool.export.recipes.lut4]
+default = { palettize_bits = 4, granularity = "per_grouped_channel", group_size = 16 }
+lm_head = { palettize_bits = 6 }
+
+[tool.export.recipes.int4]
+default = { quantize = "int4", block_size = 32 }
+
+[tool.export.recipes.int8]
+default = { quantize = "int8" }
+embeddings = "none"
+"""
 
 
 def project_toml(export_toml: str, name: str = "scenario") -> str:

@@ -7,15 +7,8 @@ different ``artifacts`` settings share one cache without deleting each other's e
 from __future__ import annotations
 
 from faults import TINY_TOML, create_tiny
-from scenario import project_toml
+from scenario import judge_toml, project_toml
 
-JUDGE = """
-[[tool.export.models]]
-name = "judge"
-architecture = "judge"
-checkpoint = "demo"
-shape_set = "tiny"
-"""
 STEPS = {"checkpoint:judge", "export_pytorch:student.prefill.T16", "export_pytorch:judge.prefill.T16",
          "convert_coreml:student.prefill.T16", "convert_coreml:judge.prefill.T16", "bundle_coreml:student",
          "bundle_coreml:judge", "verify_coreml:student.prefill.T16", "verify_coreml:judge.prefill.T16",
@@ -23,7 +16,7 @@ STEPS = {"checkpoint:judge", "export_pytorch:student.prefill.T16", "export_pytor
 
 
 def _config(p, artifacts: str) -> None:
-    text = TINY_TOML.replace('shape_set = "tiny"', 'shape_set = "tiny"\nmodes = ["prefill"]') + JUDGE
+    text = TINY_TOML.replace('shape_set = "tiny"', 'shape_set = "tiny"\nmodes = ["prefill"]') + judge_toml("tiny")
     text = text.replace('artifacts = "artifacts"', f'artifacts = "{artifacts}"')
     (p.root / "pyproject.toml").write_text(project_toml(text, name="roles"))
 

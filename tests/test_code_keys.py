@@ -138,7 +138,7 @@ def test_every_module_a_real_step_loads_is_in_its_key(tmp_path):
             "exported": str(out / "prefill_T16.pt2"), "contract": str(out / "prefill_T16.contract.json"),
             "out": str(pkg), "options": {"compute_precision": "fp32"}}),
         ("compress_coreml", None): ("compress_coreml", {
-            "package": str(pkg), "exported": str(out / "prefill_T16.pt2"),
+            "package": str(pkg),
             "contract": str(out / "prefill_T16.contract.json"), "out": str(tmp_path / "prefill_T16.int8.mlpackage"),
             "quality": str(tmp_path / "prefill_T16.int8.quality.json"),
             "recipe": {"name": "int8", "parts": {p: {"kind": "quantize", "dtype": "int8", "granularity": "per_channel"}

@@ -1,5 +1,6 @@
-"""Builds on a Dask cluster (export.runner.cluster): a LocalCluster of two worker processes started here,
-the shared cache on a directory store and on a real S3 server (moto, 127.0.0.1).
+"""Builds on a Dask cluster (export.runner.cluster): a real ``dask scheduler`` and two ``dask worker --name``
+processes started here on 127.0.0.1 (as README "On a Dask cluster" tells a team to), the shared cache on a
+directory store and on a real S3 server (moto, 127.0.0.1).
 
 Each worker declares MEMORY_MB = 600 and has two threads; every step of these tiny projects
 reserves 300-600 MB, and any two together more than 600: so no worker may ever run two steps
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -30,20 +32,53 @@ def s3_env(s3_server) -> dict:
     return test_cache.s3_env(s3_server)
 
 
+NAMES = ("alpha", "beta")  # the workers' --name
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3_env):
-    """(scheduler address, client, the workers' scratch folder). The nannies restart a killed worker
-    with the same environment: its own local cache, the S3 endpoint and keys, TMPDIR."""
-    from distributed import Client, LocalCluster
+    """(scheduler address, client, the workers' scratch folder). ``dask scheduler`` and two ``dask worker
+    --name`` processes (each with a nanny, which restarts a killed worker with the same environment: its own
+    local cache, the S3 endpoint and keys, TMPDIR)."""
+    from distributed import Client
 
-    scratch = tmp_path_factory.mktemp("worker-tmp")
-    env = {"MODEL_EXPORT_CACHE": str(tmp_path_factory.mktemp("worker-cache")), "TMPDIR": str(scratch), **s3_env}
-    lc = LocalCluster(n_workers=2, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address=":0",
-                      resources={"MEMORY_MB": WORKER_MB}, env=env)
-    client = Client(lc)
-    yield lc.scheduler_address, client, scratch
-    client.close()
-    lc.close()
+    base = tmp_path_factory.mktemp("dask")
+    scratch = base / "worker-tmp"
+    scratch.mkdir()
+    dask = [sys.executable, "-m"]  # python -m distributed.cli.dask_worker: the `dask worker` command
+    # the tests folder on the path: client.run() sends functions of this module by reference
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    log = open(base / "cluster.log", "ab")
+    procs = [subprocess.Popen([*dask, "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+                               "--dashboard-address", ":0", "--scheduler-file", str(base / "scheduler.json")],
+                              env=env, stdout=log, stderr=log)]
+    try:
+        deadline = time.monotonic() + 60
+        while not (base / "scheduler.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        address = json.loads((base / "scheduler.json").read_text())["address"]
+        for name in NAMES:
+            wenv = {**env, "MODEL_EXPORT_CACHE": str(base / f"cache-{name}"), "TMPDIR": str(scratch), **s3_env}
+            procs.append(subprocess.Popen([*dask, "distributed.cli.dask_worker", address, "--name", name,
+                                           "--nworkers", "1", "--nthreads", "2", "--resources", f"MEMORY_MB={WORKER_MB}",
+                                           "--host", "127.0.0.1", "--dashboard-address", ":0",
+                                           "--local-directory", str(base / f"local-{name}")],
+                                          env=wenv, stdout=log, stderr=log))
+        client = Client(address, timeout=60)
+        client.wait_for_workers(2, timeout=120)
+        yield address, client, scratch
+        client.close()
+    finally:
+        for proc in reversed(procs):  # the workers (and their nannies), then the scheduler
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +106,8 @@ def _assert_memory_limited(records: dict[str, dict]) -> None:
 
 
 def _workers(client) -> set[str]:
-    return set(client.scheduler_info(n_workers=-1)["workers"])
+    """The connected workers' names (what last_build.json records)."""
+    return {str(w["name"]) for w in client.scheduler_info(n_workers=-1)["workers"].values()}
 
 
 def test_nightly_on_the_cluster_with_a_directory_store(cluster, reference, tmp_path):
@@ -169,7 +205,9 @@ def test_a_worker_killed_during_a_conversion_is_replaced_and_the_step_runs_again
         time.sleep(0.2)
     assert victim is not None, "no conversion was seen running"
     addr, pid, task = victim
-    os.kill(pid, signal.SIGKILL)
+    name = str(client.scheduler_info(n_workers=-1)["workers"][addr]["name"])
+    assert name in NAMES
+    os.kill(pid, signal.SIGKILL)  # the worker process itself: no finally of its own runs
     out, _ = build.communicate(timeout=900)
     assert build.returncode == 0, out
     built = p.artifact_digests()
@@ -177,7 +215,23 @@ def test_a_worker_killed_during_a_conversion_is_replaced_and_the_step_runs_again
     assert all(f"{leaf}.mlpackage.manifest.json" in built for leaf in leaves)
     assert built == {k: v for k, v in reference.artifact_digests().items() if k in built}
     records = _steps(p)
-    assert records[task]["status"] == "built" and records[task]["worker"] != addr  # ran again, elsewhere
+    assert records[task]["status"] == "built"  # ran again (maybe on the worker the nanny restarted, same name)
+    assert records[task]["worker"] in NAMES and records[task]["lost_workers"] == [name]  # by --name, not address
+    # one line for the lost worker, one for the step's retry; for each step the worker held (one may have been
+    # assigned to it, waiting for its MEMORY_MB, and never started there)
+    lost = [line for line in out.splitlines() if line.startswith("dask: worker ")]
+    again = [line for line in out.splitlines() if " runs again on worker " in line]
+    held = [n for n, rec in records.items() if rec.get("lost_workers")]
+    assert task in held and len(lost) == len(again) == len(held), out
+    for n in held:
+        assert records[n]["lost_workers"] == [name]
+        assert f"dask: worker {name} was lost while it held {n}; the scheduler runs the step again on another worker" \
+            in lost, out
+        assert f"dask: {n} runs again on worker {records[n]['worker']} (attempt 2, after 1 lost worker)" in again, out
+    assert "tcp://" not in json.dumps(_steps(p))
+    # the killed worker's scratch folder was removed by the next step (the retry's sweep): TMPDIR is clean
+    assert not list(scratch.glob("model-export-step-*")) and not list(scratch.glob(".model-export-new-*")), \
+        sorted(q.name for q in scratch.iterdir())
     client.wait_for_workers(2, timeout=120)  # the nanny replaced the dead worker
 
 
@@ -210,3 +264,81 @@ def test_an_unreachable_scheduler_is_one_clear_error(tmp_path):
     assert not (p.root / "artifacts" / "last_build.json").exists()
     r = p.doit("--dask", "not-an-address", check=False)
     assert r.returncode == 2 and "expected tcp://host:port" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_recipe_build_on_the_cluster_gives_a_local_builds_bytes(cluster, tmp_path):
+    """compress_coreml and the recipe's bundle on the Dask path (prefill and decode); then a local nightly of the
+    same project against the same store rebuilds every step and finds the cluster's bytes (issue #17)."""
+    from scenario import RECIPES_TOML, export_head, model_toml, project_toml
+
+    address, client, scratch = cluster
+    env = {"MODEL_EXPORT_REMOTE_CACHE": str(tmp_path / "share")}
+    p = Project.create(tmp_path / "project")
+    p.set_shape_sets({"one": {"prefill": [16], "decode": [16]}})
+    (p.root / "pyproject.toml").write_text(project_toml(export_head() + RECIPES_TOML + model_toml(
+        "student", "student", "checkpoints/student.pt", "one", coreml='{ minimum_deployment_target = "iOS18" }',
+        recipes='["lut4"]')))
+    fresh = p.copy(tmp_path / "local")
+    p.doit("--dask", address, env=env)
+    records = json.loads((p.root / "artifacts" / "last_build.json").read_text())["tasks"]
+    recipe = {"compress_coreml:student.prefill.T16.lut4", "compress_coreml:student.decode.T16.lut4",
+              "bundle_coreml:student.lut4"}
+    assert {n for n, r in records.items() if r["status"] == "built"} >= recipe
+    assert all(records[n]["worker"] in NAMES for n in recipe)  # they ran on the cluster
+    art = p.root / "artifacts" / "student"
+    for mode, positions in (("prefill", 4 * 16), ("decode", 16)):
+        q = json.loads((art / "coreml" / f"{mode}_T16.lut4.quality.json").read_text())
+        assert records[f"compress_coreml:student.{mode}.T16.lut4"]["quality"] == q
+        assert "interpreter" in q["method"] and q["positions"] == positions and 0 < q["mean_abs_err"]
+        assert 0.5 < q["top1_agreement"] <= 1 and q["size_bytes"] < q["float_size_bytes"]
+    assert (art / "student.lut4.mlpackage" / "Manifest.json").is_file()
+    assert not list(scratch.glob("model-export-step-*"))
+    # the same project built here, every step again, against the store the cluster filled
+    fresh.doit("nightly", env={**env, "MODEL_EXPORT_CACHE": str(tmp_path / "local-cache")})
+    nightly = json.loads((fresh.root / "artifacts" / "nightly.json").read_text())
+    assert nightly["non_reproducible"] == []
+    assert all(nightly["tasks"][n]["reproducible"] is True for n in recipe)
+    assert fresh.artifact_digests() == p.artifact_digests()
+
+
+def test_a_killed_step_s_scratch_folder_is_removed_by_the_next_one(tmp_path):
+    """The scratch folder of a process SIGKILLed during its step stays locked only while that process lives:
+    the next step's sweep removes it, and leaves a running step's folder and any folder not made by a step."""
+    import textwrap
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    code = textwrap.dedent("""
+        import sys, time
+        from export.runner.cluster import make_scratch
+        path, lock = make_scratch("convert_coreml:student.prefill.T16")
+        print(path, flush=True)
+        time.sleep(600)
+    """)
+    victim = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    dead = Path(victim.stdout.readline().strip())
+    (dead / "artifacts").mkdir()
+    (dead / "artifacts" / "half-written.bin").write_bytes(b"x" * 1000)
+    os.environ["TMPDIR"], saved = str(tmp_path), os.environ.get("TMPDIR")
+    import tempfile
+
+    tempfile.tempdir = None
+    try:
+        from export.runner.cluster import make_scratch, sweep_scratch
+
+        assert sweep_scratch() == []  # its step runs: locked
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+        victim.stdout.close()
+        alive, lock = make_scratch("checkpoint:judge")  # this process's own running step
+        user = tmp_path / "model-export-step-mine"  # not a step's (no mark): never touched
+        user.mkdir()
+        assert sweep_scratch() == [str(dead)]
+        assert not dead.exists() and Path(alive).is_dir() and user.is_dir()
+        os.close(lock)
+    finally:
+        if saved is None:
+            os.environ.pop("TMPDIR")
+        else:
+            os.environ["TMPDIR"] = saved
+        tempfile.tempdir = None

@@ -1,5 +1,6 @@
 """A worker converts the ExportedProgram it exported without loading the file again
-(export.runner.steps), and the package is the same bytes the seed's two CLIs make."""
+(export.runner.steps), and the package is the same bytes the seed's two CLIs make (exporting as the build
+does, the .pt2 referring to the checkpoint's weights: export/program_weights.py)."""
 from __future__ import annotations
 
 import subprocess
@@ -22,9 +23,11 @@ def test_conversions_reuse_the_exported_program_and_give_the_cli_bytes(tmp_path)
     ck = p.root / "checkpoints" / "student.pt"
     for mode in ("prefill", "decode"):
         subprocess.run([sys.executable, "-m", "export.export_pytorch", "--checkpoint", str(ck), "--out", str(cli),
-                        "--mode", mode, "--enumerated-T", "32", "--format", "exported_program"], check=True)
+                        "--mode", mode, "--enumerated-T", "32", "--format", "exported_program", "--external-weights"],
+                       check=True)
         subprocess.run([sys.executable, "-m", "export.convert_coreml", "--backend", "pytorch",
                         "--in", str(cli / f"{mode}_T32.pt2"), "--out", str(cli / f"{mode}_T32.mlpackage"),
-                        "--contract", str(cli / f"{mode}_T32.contract.json")], check=True, capture_output=True)
+                        "--contract", str(cli / f"{mode}_T32.contract.json"), "--weights", str(ck)],
+                       check=True, capture_output=True)
         built = p.root / "artifacts" / "student" / "coreml" / f"{mode}_T32.mlpackage"
         assert tree_digest(cli / f"{mode}_T32.mlpackage") == tree_digest(built)

@@ -12,33 +12,14 @@ import time
 from pathlib import Path
 
 from faults import create_tiny, file_digests, kill_group, no_traceback, popen_doit
-from scenario import project_toml
+from scenario import export_head, judge_toml, model_toml, project_toml
 
-TWO_MODELS = """\
-[tool.export]
-artifacts = "artifacts"
-shape_sets = "shape_sets.json"
-
-[[tool.export.models]]
-name = "student"
-architecture = "student"
-checkpoint = "checkpoints/student.pt"
-shape_set = "{student_set}"
-modes = ["prefill"]
-coreml = {{ compute_precision = "{precision}" }}
-"""
-JUDGE = """
-[[tool.export.models]]
-name = "judge"
-architecture = "judge"
-checkpoint = "demo"
-shape_set = "judge"
-"""
 SETS = {"two": {"prefill": [16, 32]}, "one": {"prefill": [16]}, "judge": {"prefill": [16]}}
 
 
 def _config(p, *, student_set="two", precision="fp16", judge=True):
-    text = TWO_MODELS.format(student_set=student_set, precision=precision) + (JUDGE if judge else "")
+    text = export_head() + model_toml("student", "student", "checkpoints/student.pt", student_set, modes='["prefill"]',
+                                      coreml=f'{{ compute_precision = "{precision}" }}') + (judge_toml() if judge else "")
     (p.root / "pyproject.toml").write_text(project_toml(text, name="prune"))
 
 

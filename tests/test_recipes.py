@@ -12,38 +12,14 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scenario import Project, project_toml  # noqa: E402
-
-RECIPES = """
-[tool.export.recipes.lut4]
-default = { palettize_bits = 4, granularity = "per_grouped_channel", group_size = 16 }
-lm_head = { palettize_bits = 6 }
-
-[tool.export.recipes.int8]
-default = { quantize = "int8" }
-embeddings = "none"
-
-[tool.export.recipes.int4]
-default = { quantize = "int4", block_size = 16 }
-"""
-
+from scenario import RECIPES_TOML, Project, export_head, model_toml, project_toml  # noqa: E402
 
 def toml(recipes: list[str], target: str = "iOS18") -> str:
     names = ", ".join(f'"{r}"' for r in recipes)
-    return project_toml(f"""[tool.export]
-artifacts = "artifacts"
-shape_sets = "shape_sets.json"
-{RECIPES}
-[[tool.export.models]]
-name = "student"
-architecture = "student"
-checkpoint = "checkpoints/student.pt"
-shape_set = "one"
-modes = ["prefill"]
-coreml = {{ minimum_deployment_target = "{target}" }}
-recipes = [{names}]
-metadata = {{ author = "Team A", license = "MIT", version = "1.2.0", short_description = "tiny student" }}
-""")
+    return project_toml(export_head() + RECIPES_TOML + model_toml(
+        "student", "student", "checkpoints/student.pt", "one", modes='["prefill"]',
+        coreml=f'{{ minimum_deployment_target = "{target}" }}', recipes=f"[{names}]",
+        metadata='{ author = "Team A", license = "MIT", version = "1.2.0", short_description = "tiny student" }'))
 
 
 def configure(p: Project, recipes: list[str], target: str = "iOS18") -> None:
@@ -76,6 +52,17 @@ def test_a_recipe_builds_a_compressed_package_its_quality_and_its_bundle(built):
     assert 0 < q["max_abs_err"] and 0 < q["mean_abs_err"] <= q["max_abs_err"]
     assert 0.5 < q["top1_agreement"] <= 1 and q["mean_kl"] >= 0 and q["positions"] == 4 * 16
     assert q["weights_per_part"]["lm_head"] == 1 and q["weights_per_part"]["attention"] == 8
+    # measured on the packages as shipped, in the numpy Core ML interpreter: its first sequence's logits give
+    # part of the figures (the step compares 4 sequences)
+    from export import contract
+    from export.coreml.interpreter import Package
+    from export.coreml.verify import seeded_inputs
+
+    assert "interpreter" in q["method"]
+    inputs = seeded_inputs(contract.read(art / "exported" / "prefill_T16.contract.json"), 0)
+    a, b = (Package(art / "coreml" / name).run(None, inputs)["logits"].astype("float64")
+            for name in ("prefill_T16.mlpackage", "prefill_T16.lut4.mlpackage"))
+    assert 0 < abs(a - b).max() <= q["max_abs_err"]
     record = json.loads((built.root / "artifacts" / "last_build.json").read_text())
     assert record["tasks"]["compress_coreml:student.prefill.T16.lut4"]["quality"] == q
     report = json.loads((built.root / "artifacts" / "report.json").read_text())
@@ -171,19 +158,9 @@ def test_tokenizer_and_parts_of_a_transformers_model(tmp_path):
     folder = save_family(p.root / "models", "llama")
     save_tokenizer(folder)
     assert (folder / "generation_config.json").is_file()
-    (p.root / "pyproject.toml").write_text(project_toml(f"""[tool.export]
-artifacts = "artifacts"
-shape_sets = "shape_sets.json"
-{RECIPES}
-[[tool.export.models]]
-name = "llama"
-architecture = "hf-causal-lm"
-checkpoint = "models/llama"
-shape_set = "hf"
-modes = ["prefill"]
-coreml = {{ minimum_deployment_target = "iOS18" }}
-recipes = ["lut4"]
-"""))
+    (p.root / "pyproject.toml").write_text(project_toml(export_head() + RECIPES_TOML + model_toml(
+        "llama", "hf-causal-lm", "models/llama", "hf", modes='["prefill"]',
+        coreml='{ minimum_deployment_target = "iOS18" }', recipes='["lut4"]')))
     p.set_shape_sets({"hf": {"prefill": [16]}})
     p.doit()
     art = p.root / "artifacts" / "llama"

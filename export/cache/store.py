@@ -15,10 +15,17 @@ missing or altered blob, a manifest naming paths the task does not declare) is
 dropped with one warning and is a miss, so the step simply runs again.
 
 Restored files are hardlinks to the read-only local blob when the cache and the
-checkout share a file system (else copies); never symlinks. A restored file is
-therefore read-only; a tool that writes through the hardlink anyway (root, or
-after a chmod) alters the blob, and the next ``get`` of any entry naming it sees
-the digest mismatch and drops the entry. Pass ``link=False`` to always copy.
+checkout share a file system (else copies); never symlinks. So are the files a step
+just wrote, once published (``put(..., adopt=True)``, what ``finish_step`` does): each
+is replaced, atomically, by a hardlink to its blob, so identical files (the same
+``weight.bin`` in every (mode, T) package of a model) take the disk once, in the
+cache and under ``artifacts/`` together. A linked file is read-only; a tool that
+writes through the hardlink anyway (root, or after a chmod) alters the blob: every
+``get`` re-hashes what it restores and drops an entry whose blob no longer has its
+digest, and a ``put`` re-hashes an existing blob before it reuses it (a blob
+found altered is replaced by the good bytes just built). The altered artifacts
+themselves have a new stat and digest, so the planner rebuilds or restores them
+(tests/test_weight_sharing.py). Pass ``link=False`` to always copy.
 
 Nothing here imports torch or coremltools: this runs in the doit planner.
 """
@@ -283,10 +290,13 @@ class Cache:
         os.replace(tmp, dst)
 
     def _add_blob(self, src: Path) -> tuple[str, int]:
-        """Store ``src``'s bytes (hashed while copied); an existing blob is kept and marked used."""
+        """Store ``src``'s bytes (hashed while copied); an existing blob is kept and marked used, once
+        its bytes are checked (a blob is shared by hardlink with artifacts, which someone may have
+        written through: such a blob is replaced by ``src``'s bytes)."""
         digest, size = file_digest(src), src.stat().st_size
         blob = self._blob(digest)
-        if blob.is_file() and not blob.is_symlink() and blob.stat().st_size == size:
+        if blob.is_file() and not blob.is_symlink() and blob.stat().st_size == size and (
+                os.path.samestat(blob.stat(), src.stat()) or file_digest(blob) == digest):
             try:
                 os.utime(blob)  # young again: gc's grace period covers the manifest about to name it
             except OSError:
@@ -535,10 +545,13 @@ class Cache:
 
     # --- put -------------------------------------------------------------------
 
-    def put(self, key: str, root: Path, outputs: list[str], producer: dict, where: dict[str, str] | None = None) -> None:
+    def put(self, key: str, root: Path, outputs: list[str], producer: dict, where: dict[str, str] | None = None,
+            *, adopt: bool = False) -> None:
         """Publish the outputs of action ``key`` (blobs first, the manifest last); never fails the build.
 
         ``producer``: task, seconds, host (filled in), and ``toolchain`` (versions) if known.
+        ``adopt``: the outputs are files the build itself just wrote: each is then replaced by a hardlink
+        to its blob (one copy on disk; never for inputs, which are the user's files).
         """
         _check_args(key, outputs)
         if not self._usable():
@@ -549,7 +562,7 @@ class Cache:
         producer.setdefault("host", socket.gethostname())
         try:
             with self._locked():
-                entry = {rel: self._publish_output(root, (where or {}).get(rel, rel)) for rel in outputs}
+                entry = {rel: self._publish_output(root, (where or {}).get(rel, rel), adopt) for rel in outputs}
                 manifest = {"schema": SCHEMA, "key": key, "outputs": entry, "producer": producer,
                             "toolchain": toolchain, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
                 tmp = self._tmp()
@@ -565,7 +578,7 @@ class Cache:
         if self.remote_url and not self.read_only:
             self._push(key, manifest)
 
-    def _publish_output(self, root: Path, rel: str) -> dict:
+    def _publish_output(self, root: Path, rel: str, adopt: bool = False) -> dict:
         path = root / rel
         try:
             st = path.lstat()
@@ -573,6 +586,8 @@ class Cache:
             raise _Bad(f"output {rel} does not exist") from None
         if stat.S_ISREG(st.st_mode):
             digest, size = self._add_blob(path)
+            if adopt:
+                self._adopt(path, digest)
             return {"type": "file", "digest": digest, "size": size}
         if not stat.S_ISDIR(st.st_mode):
             raise _Bad(f"output {rel} is neither a file nor a directory")
@@ -586,8 +601,29 @@ class Cache:
             for name in filenames:
                 p = Path(dirpath) / name
                 digest, size = self._add_blob(p)
+                if adopt:
+                    self._adopt(p, digest)
                 files[p.relative_to(path).as_posix()] = {"digest": digest, "size": size}
         return {"type": "dir", "files": dict(sorted(files.items()))}
+
+    def _adopt(self, path: Path, digest: str) -> None:
+        """Replace the output file ``path`` (its bytes just stored as blob ``digest``) by a hardlink to the
+        blob, atomically: a hardlink made beside it, renamed over it. Another file system, or no hardlinks
+        there: the file stays as it is (a copy)."""
+        if not self.link:
+            return
+        blob = self._blob(digest)
+        try:
+            if os.path.samestat(path.lstat(), blob.lstat()):
+                return
+            tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.link"
+            os.link(blob, tmp, follow_symlinks=False)
+        except OSError:
+            return
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
 
     def _push(self, key: str, manifest: dict) -> bool:
         """Write-through: the blobs, then the manifest, each atomic; failures only warn. An entry that could
@@ -791,7 +827,7 @@ def finish_step(cache: "Cache", key: str, root: Path, outputs: list[str], meta: 
             done.key = f"{key}.rebuilt" if keep_rebuilt else None
     if done.key is not None:
         before = cache.uploaded
-        cache.put(done.key, root, roles, meta, where)
+        cache.put(done.key, root, roles, meta, where, adopt=True)
         done.uploaded = cache.uploaded - before
     return done
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from .. import atomic
 from .. import contract as contract_mod
 from ..atomic import atomic_path
+from .checks import check_device_limits
 from .spec import check_spec
 from ..digest import bytes_digest, file_digest
 from ..errors import ExportError, cli_errors
@@ -63,13 +64,16 @@ def _recipe(package: Path) -> str:
 
 
 def bundle(packages: list[Path], contracts: list[Path], out: Path, contract_out: Path | None = None, *,
-           model_metadata: dict[str, str] | None = None, files: list[Path] = (), files_out: Path | None = None) -> dict:
+           model_metadata: dict[str, str] | None = None, files: list[Path] = (), files_out: Path | None = None,
+           device_limits: dict | None = None) -> dict:
     """Merge ``packages`` (with their per-(mode, T) ``contracts``, same order) into ``out``; write the
     aggregate contract to ``contract_out`` (default ``contract.json`` beside ``out``); return it.
 
     ``model_metadata``: the package's own fields (author, license, version, short_description), set after
     the merge (``save_multifunction`` drops them). ``files``: copied into ``files_out`` (the tokenizer and
-    generation config of a transformers model) and listed with their digests under ``files``."""
+    generation config of a transformers model) and listed with their digests under ``files``.
+    ``device_limits``: ``{"target", "policy"}``; policy "fail" refuses a bundle over a limit of the target's
+    devices before it appears (export/coreml/checks.py)."""
     import coremltools as ct
 
     out = Path(out)
@@ -113,6 +117,8 @@ def bundle(packages: list[Path], contracts: list[Path], out: Path, contract_out:
                 spec = read_spec(tmp)
                 for name, _, c in entries:
                     check_spec(c, spec, file=out, function=name)
+                if device_limits is not None:
+                    check_device_limits(tmp, device_limits["target"], device_limits["policy"], file=out)
         except OSError as e:
             _no_space(e, out)
             raise
@@ -123,6 +129,26 @@ def bundle(packages: list[Path], contracts: list[Path], out: Path, contract_out:
         atomic.write_bytes(dest, Path(f).read_bytes())
     contract_mod.write(contract_out, agg, aggregate=True)
     return agg
+
+
+def write_chain(chain: list[dict], contract_out: Path, *, model: str, architecture: str, files: list[Path] = (),
+                files_out: Path | None = None) -> dict:
+    """A parted model's contract.json: its parts in chain order (``chain``: each part's aggregate contract path,
+    its bundle's and its contract's names relative to the model folder), with what feeds what; the tokenizer
+    files (``files``) copied beside it and listed with their digests."""
+    parts = [(contract_mod.read(Path(link["contract"]), aggregate=True), link["bundle"], link["contract_name"])
+             for link in chain]
+    for agg, _, name in parts:
+        if "part" not in agg:
+            raise ExportError("not the contract of a part", file=name, field="part")
+    data = contract_mod.chain_contract(model, architecture, parts)
+    if files:
+        data["files"] = {Path(f).name: {"file": Path(f).name, "digest": file_digest(Path(f))} for f in files}
+    contract_mod.validate(data, file=contract_out, chain=True)
+    for f in files:
+        atomic.write_bytes(Path(files_out or contract_out.parent) / Path(f).name, Path(f).read_bytes())
+    contract_mod.write(contract_out, data, chain=True)
+    return data
 
 
 def _no_space(e: BaseException, out: Path) -> None:

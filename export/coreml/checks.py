@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -132,3 +133,100 @@ def check_on_device(package, program, example: tuple, contract: dict, *, file: o
             raise ExportError(f"Core ML prediction differs from the exported program (max abs diff {diff:.3g})",
                               file=file, field=f"outputs.{spec['name']}")
     return "predictions match the exported program"
+
+
+# --------------------------------------------------------------------------- device limits (issue 21, item 4)
+
+# What a device loads, per the deployment target's platform: about 1 GB per weight file on iOS, about 2 GB on
+# macOS (the figures Anemll works to); the Neural Engine takes no tensor dimension above 16384 (a 150k-entry
+# vocabulary head exceeds it). Op counts are reported, with no limit.
+WEIGHT_FILE_LIMITS = {"iOS": 1 << 30, "macOS": 2 << 30}
+ANE_MAX_DIM = 16384
+WEIGHTS_DIR = "Data/com.apple.CoreML/weights"
+
+
+def _platform(target: str) -> str:
+    return "macOS" if target.startswith("macOS") else "iOS"
+
+
+def _dims(value_type) -> list[int]:
+    kind = value_type.WhichOneof("type")
+    if kind == "tensorType":
+        return [d.constant.size for d in value_type.tensorType.dimensions if d.WhichOneof("dimension") == "constant"]
+    if kind == "stateType":
+        return _dims(value_type.stateType.wrappedType)
+    return []
+
+
+def _spec_ops(block):
+    for op in block.operations:
+        yield op
+        for inner in op.blocks:
+            yield from _spec_ops(inner)
+
+
+def device_figures(package: Path | str) -> dict:
+    """The figures a device cares about, from the package's spec and the sizes of its weight files (the
+    model is not loaded): ``{"weight_files": {name: bytes}, "functions": {name: {"ops", "max_dim",
+    "max_dim_tensor", "weight_file_bytes"}}}``."""
+    from .mlpackage import read_spec
+
+    package = Path(package)
+    spec = read_spec(package)
+    weights = package / WEIGHTS_DIR
+    files = {p.name: p.stat().st_size for p in sorted(weights.iterdir()) if p.is_file()} if weights.is_dir() else {}
+    functions = {}
+    if spec.WhichOneof("Type") == "mlProgram":
+        for name, fn in sorted(spec.mlProgram.functions.items()):
+            best, where, ops = 0, None, 0
+            for v in fn.inputs:
+                d = max(_dims(v.type), default=0)
+                if d > best:
+                    best, where = d, v.name
+            for op in _spec_ops(fn.block_specializations[fn.opset]):
+                ops += 1
+                for v in op.outputs:
+                    d = max(_dims(v.type), default=0)
+                    if d > best:
+                        best, where = d, v.name
+            functions[name] = {"ops": ops, "max_dim": best, "max_dim_tensor": where,
+                               "weight_file_bytes": sum(files.values())}
+    return {"weight_files": files, "functions": functions}
+
+
+def device_problems(figures: dict, target: str) -> list[dict]:
+    """Each limit of ``target``'s devices that the package's figures exceed: ``{function, what, limit, value,
+    line}`` (``line``: the problem in one line, what the planner prints)."""
+    platform = _platform(target)
+    limit = WEIGHT_FILE_LIMITS[platform]
+    out = []
+    functions = sorted(figures["functions"]) or ["(all)"]
+    for fname, size in sorted(figures["weight_files"].items()):
+        if size > limit:
+            out.append({"function": ", ".join(functions), "what": f"weight file {fname} on {platform}",
+                        "limit": limit, "value": size})
+    for fn, f in sorted(figures["functions"].items()):
+        if f["max_dim"] > ANE_MAX_DIM:
+            out.append({"function": fn, "what": f"tensor dimension on the Neural Engine ({f['max_dim_tensor']})",
+                        "limit": ANE_MAX_DIM, "value": f["max_dim"]})
+    for p in out:
+        p["line"] = problem_line(p)
+    return out
+
+
+def problem_line(p: dict) -> str:
+    """One problem, said in one line: the function, the limit and the value."""
+    unit = lambda n: f"{n} bytes ({n / 2**30:.2f} GiB)" if "weight file" in p["what"] else str(n)  # noqa: E731
+    return f"function {p['function']}: {p['what']}: {unit(p['value'])} is over the limit of {unit(p['limit'])}"
+
+
+def check_device_limits(package: Path | str, target: str, policy: str | None, *, file: object) -> dict:
+    """``device_figures`` of ``package`` with its ``problems`` against ``target``'s limits; with ``policy``
+    "fail", the first problem is an error naming the package (``file``), the function, the limit and the value."""
+    figures = device_figures(package)
+    figures["target"] = target
+    figures["problems"] = device_problems(figures, target)
+    if policy == "fail" and figures["problems"]:
+        raise ExportError(f"over a device limit of {target} (device_limits = \"fail\"): "
+                          f"{problem_line(figures['problems'][0])}", file=file, field="device_limits")
+    return figures

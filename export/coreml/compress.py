@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 from ..atomic import atomic_path
+from .checks import check_device_limits
 from ..errors import ExportError
 from ..recipes import PARTS
 from ..stepdefs import STEPS
@@ -27,7 +28,7 @@ from .mlpackage import METADATA_PREFIX, canonicalize, read_spec
 # first match wins; what matches none is "default"
 PART_PATTERNS: tuple[tuple[str, re.Pattern], ...] = (
     ("embeddings", re.compile(r"(^|_)(embed|embed_tokens|tok_embeddings|wte|word_embeddings)_weight")),
-    ("lm_head", re.compile(r"(^|_)(lm_head|output)_weight")),
+    ("lm_head", re.compile(r"(^|_)(lm_head(_\d+)?|output)_weight")),  # lm_head_<i>: a piece of a split head (parts)
     ("attention", re.compile(r"(^|_)(wq|wk|wv|wo|q_proj|k_proj|v_proj|o_proj|qkv_proj|out_proj|qkv|out|dense|query_key_value)_weight")),
     ("ffn", re.compile(r"(^|_)(w_gate|w_up|w_down|gate_proj|up_proj|down_proj|gate_up_proj|fc1|fc2|w1|w2|w3)_weight")),
 )
@@ -90,7 +91,7 @@ def apply(mlmodel, recipe: dict):
     return mlmodel, parts
 
 
-def compress(package: Path | str, out: Path | str, recipe: dict, *, log=print) -> dict:
+def compress(package: Path | str, out: Path | str, recipe: dict, *, log=print, device_limits: dict | None = None) -> dict:
     """Write ``out``, the float ``package`` compressed by ``recipe``; return {part: number of weights}."""
     import coremltools as ct
 
@@ -118,4 +119,6 @@ def compress(package: Path | str, out: Path | str, recipe: dict, *, log=print) -
     with atomic_path(out, is_dir=True) as tmp:
         shutil.copytree(compressed.package_path, tmp, dirs_exist_ok=True)
         canonicalize(tmp, meta, spec=spec)
+        if device_limits is not None:  # "fail": refused before it appears (export/coreml/checks.py)
+            check_device_limits(tmp, device_limits["target"], device_limits["policy"], file=out)
     return counts

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from .. import contract as contract_mod
+from .. import program_weights
 from ..atomic import atomic_path
-from .checks import check_finite, check_on_device, check_supported
+from .checks import check_device_limits, check_finite, check_on_device, check_supported
 from .options import CHOICES, STATEFUL_TARGETS, CoreMLOptions
 from .spec import check_spec
 from ..digest import file_digest
@@ -58,8 +59,11 @@ def _quiet(logger: str):
         log.setLevel(level)
 
 
-def load_program(path: Path | str):
-    """``(format, program)``: a TorchScript module or an ExportedProgram in the inference dialect."""
+def load_program(path: Path | str, weights: Path | str | None = None):
+    """``(format, program)``: a TorchScript module or an ExportedProgram in the inference dialect.
+
+    ``weights``: the checkpoint an ExportedProgram saved by the build keeps its weights in
+    (export/program_weights.py); a self-contained file needs none."""
     path = Path(path)
     fmt = FORMAT_BY_SUFFIX.get(path.suffix)
     if fmt is None:
@@ -71,8 +75,10 @@ def load_program(path: Path | str):
             return fmt, torch.jit.load(str(path), map_location="cpu").eval()
         with warnings.catch_warnings(), _quiet("torch.export"):  # torch logs a damaged archive's traceback
             warnings.simplefilter("ignore")
-            ep = torch.export.load(str(path))
+            ep = program_weights.load(path, weights)
         return fmt, inference_dialect(ep)
+    except ExportError:
+        raise
     except Exception as e:  # torch raises many types for a damaged archive
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ExportError(f"not a readable {fmt} file (corrupt or truncated): {first}", file=path, field="--in") from None
@@ -194,8 +200,13 @@ def _options(options) -> CoreMLOptions:
 
 
 def convert(exported: Path | str, out: Path | str, contract_path: Path | str,
-            options: CoreMLOptions | dict | None = None, *, log=print, program=None) -> Path:
+            options: CoreMLOptions | dict | None = None, *, log=print, program=None,
+            weights: Path | str | None = None, device_limits: str | None = None) -> Path:
     """Convert one exported program to ``out`` (a ``.mlpackage`` folder, written atomically); return ``out``.
+
+    ``weights``: the checkpoint whose tensors the ``.pt2`` refers to (export/program_weights.py).
+    ``device_limits``: "fail" refuses, before it appears, a package over a limit of its deployment target's
+    devices (export/coreml/checks.py, ``check_device_limits``).
 
     ``program``: the ExportedProgram whose bytes ``exported`` holds, still in memory (the worker that
     just exported it); it spares loading the file again. Its digest is still checked against the contract.
@@ -207,7 +218,7 @@ def convert(exported: Path | str, out: Path | str, contract_path: Path | str,
     c = contract_mod.read(contract_path)
     _check_options(c, opts, contract_path)
     if program is None:
-        fmt, program = load_program(exported)
+        fmt, program = load_program(exported, weights)
     else:
         fmt, program = "exported_program", inference_dialect(program)
     _check_matches_contract(exported, fmt, program, c, contract_path)
@@ -226,6 +237,7 @@ def convert(exported: Path | str, out: Path | str, contract_path: Path | str,
     with atomic_path(out, is_dir=True) as tmp:
         shutil.copytree(mlmodel.package_path, tmp, dirs_exist_ok=True)
         canonicalize(tmp, metadata(c, contract_path, opts), spec=spec)
+        check_device_limits(tmp, opts.minimum_deployment_target, device_limits, file=out)
         example = _example(c)
         log(check_on_device(tmp, program, example, c, file=out))
     return out
@@ -278,12 +290,15 @@ def main(argv=None) -> None:
     p.add_argument("--in", dest="exported", required=True, type=Path, help="exported .pt (TorchScript) or .pt2 (ExportedProgram)")
     p.add_argument("--out", required=True, type=Path, help="<name>.mlpackage")
     p.add_argument("--contract", required=True, type=Path, help="the per-(mode, T) contract of the exported file")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="the checkpoint a .pt2 written by the build keeps its weights in (not needed for a "
+                        "self-contained .pt2, as python -m export.export_pytorch writes)")
     add_option_flags(p)
     args = p.parse_args(argv)
     quiet_coremltools()
     with cli_errors():
         out = convert(args.exported, args.out, args.contract, options_from_args(args),
-                      log=lambda msg: print(msg, file=sys.stderr))
+                      log=lambda msg: print(msg, file=sys.stderr), weights=args.weights)
         print(f"{out} {package_digest(out)}")
 
 

@@ -1,135 +1,106 @@
-"""What a recipe costs in accuracy: a compressed package against its float package.
+"""What a recipe costs in accuracy: a compressed package against its float package, both run as shipped.
 
-No Core ML runtime runs on Linux, so both packages' weights are taken back to
-dense numpy (``ct.optimize.coreml.decompress_weights``: the constexpr ops of a
-look-up table or a quantization become plain constants) and substituted into
-the exported PyTorch program of the same (mode, T), which then runs in fp32 on
-fixed token sequences. The float package's own (fp16) weights give the
-reference, so the figures measure the compression alone:
+Both packages run in the numpy reference interpreter of Core ML programs
+(``export/coreml/interpreter.py``, the one numerical verification uses): the
+compressed package's ``constexpr_*`` ops decompress its weights exactly as the
+device does, and every op rounds to the dtype the program declares (fp16
+activations for an fp16 package). They get the same fixed token sequences:
+
+- prefill: ``SEQUENCES`` seeded sequences of T tokens (export/coreml/verify.py ``seeded_inputs``);
+- decode: one seeded sequence of ``min(DECODE_TOKENS, T)`` tokens decoded one by one from an empty
+  cache, each package carrying its own cache (its states, or its ``k_new``/``v_new`` written into the
+  ``k_cache``/``v_cache`` inputs), so the compressed package's error accumulates as it would on device.
+
+Figures, on the main output (``logits`` when there is one):
 
 - ``max_abs_err``, ``mean_abs_err`` of the logits;
 - ``top1_agreement``: the share of positions whose arg-max token agrees;
 - ``mean_kl``: the mean KL divergence (float || compressed) of the next-token
   distribution, in nats.
-
-Weights are matched by name: coremltools names a parameter's const after the
-program's placeholder (``p_model_blocks_0_wq_weight``), with ``_to_fp16`` and
-``_palettized`` / ``_quantized`` appended (export/coreml/compress.py).
 """
 from __future__ import annotations
 
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .. import contract as contract_mod
-from ..errors import ExportError
 
 SEQUENCES = 4  # fixed token sequences per prefill leaf (seeded)
-DECODE_TOKENS = 16  # fixed single tokens per decode leaf, each over an empty cache
-SUFFIX = re.compile(r"(_to_fp16|_to_fp32|_palettized|_quantized)+$")
+DECODE_TOKENS = 16  # tokens of the fixed decode sequence (at most T)
+METHOD = "both packages in the numpy Core ML interpreter (export/coreml/interpreter.py), same fixed tokens"
 
 
-def dense_weights(package: Path) -> dict[str, np.ndarray]:
-    """Placeholder name -> the package's dense weight (decompressed when it is compressed)."""
-    import coremltools as ct
-    from coremltools.optimize.coreml import decompress_weights, get_weights_metadata
+def _runs(pkg, c: dict) -> list[dict[str, np.ndarray]]:
+    """The package's outputs on the fixed inputs of contract ``c``: one dict per prefill sequence or decode step."""
+    from .verify import _vocab, seeded_inputs
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mlmodel = decompress_weights(ct.models.MLModel(str(package), skip_model_load=True))
-        meta = get_weights_metadata(mlmodel, weight_threshold=0)
-    return {SUFFIX.sub("", name): np.asarray(m.val, dtype=np.float32) for name, m in meta.items()
-            if name.startswith("p_") and m.val is not None}
-
-
-def _program_with(ep, weights: dict[str, np.ndarray], package: Path):
-    placeholders = ep.graph_signature.inputs_to_parameters  # placeholder -> parameter path
-    state = {}
-    for ph, path in placeholders.items():
-        if ph in weights:
-            state[path] = torch.from_numpy(weights[ph])
-    if not state:
-        raise ExportError("no weight of the package matches a parameter of the exported program", file=package,
-                          field="weights")
-    module = ep.module()
-    module.load_state_dict(state, strict=False, assign=True)  # assign: ep.module() shares its tensors between calls
-    return module
-
-
-def _inputs(c: dict, vocab: int) -> list[tuple]:
-    """Fixed inputs from the contract: seeded random tokens; decode: single tokens over an empty cache."""
-    rng = np.random.default_rng(0)
+    if c["mode"] != "decode":
+        return [pkg.run(None, seeded_inputs(c, seed)) for seed in range(SEQUENCES)]
+    T = int(c["T"])
+    ids = np.random.default_rng(0).integers(3, _vocab(c), size=min(DECODE_TOKENS, T)).astype(np.int32)
+    state = pkg.make_state(None) if c["states"] else None
+    names = {t["name"] for t in c["inputs"]}
+    cache = {t["name"]: np.zeros(t["shape"], np.dtype(t["dtype"])) for t in c["inputs"]
+             if t["name"] in ("k_cache", "v_cache")}
+    hidden = {t["name"]: np.random.default_rng(1).standard_normal((len(ids), *t["shape"])).astype(np.dtype(t["dtype"]))
+              for t in c["inputs"] if t["name"] == "hidden_in"}  # a part of a chain: the part before's output
     out = []
-    for _ in range(SEQUENCES if c["mode"] == "prefill" else DECODE_TOKENS):
-        args = []
-        for t in c["inputs"]:
-            shape = tuple(t["shape"])
-            if t["name"] == "position_ids":
-                args.append(torch.arange(shape[-1], dtype=torch.int32).expand(shape).contiguous())
-            elif t["name"] == "input_ids":
-                args.append(torch.from_numpy(rng.integers(0, vocab, size=shape, dtype=np.int32)))
-            elif t["name"] == "attention_mask":
-                args.append(torch.ones(shape, dtype=getattr(torch, t["dtype"])))
-            else:
-                args.append(torch.zeros(shape, dtype=getattr(torch, t["dtype"])))
-        out.append(tuple(args))
+    for p, token in enumerate(ids):
+        step = {"input_ids": np.array([[token]], np.int32), "position_ids": np.array([[p]], np.int32),
+                **{n: h[p] for n, h in hidden.items()}, **cache}
+        res = pkg.run(None, {n: v for n, v in step.items() if n in names}, state=state)
+        for name, new in (("k_cache", "k_new"), ("v_cache", "v_new")):
+            if name in cache and new in res:
+                axis = next(i for i, (a, b) in enumerate(zip(cache[name].shape, res[new].shape)) if a != b)
+                index = [slice(None)] * cache[name].ndim
+                index[axis] = slice(p, p + 1)
+                cache[name][tuple(index)] = res[new].astype(cache[name].dtype)
+        out.append(res)
     return out
 
 
-def measure(float_package: Path, package: Path, exported: Path, contract: Path) -> dict:
-    """Run the exported program with the float package's and the compressed package's weights; compare."""
+def measure(float_package: Path, package: Path, contract: Path) -> dict:
+    """Run the float and the compressed package on the same fixed tokens; compare their main output."""
+    from .interpreter import Package
+
     c = contract_mod.read(contract)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ep = torch.export.load(str(exported))
-    float_weights = dense_weights(float_package)
-    reference = _program_with(ep, float_weights, float_package)
-    candidate = _program_with(ep, dense_weights(package), package)
     out_names = [t["name"] for t in c["outputs"]]
-    main = "logits" if "logits" in out_names else out_names[0]
-    vocab = _vocab(float_weights)
+    pieces = [n for n in out_names if n == "logits" or re.fullmatch(r"logits_\d+", n)]  # a split head: its pieces
+    main = "logits" if pieces else out_names[0]
+    reference = _runs(Package(float_package), c)
+    candidate = _runs(Package(package), c)
     errs, agree, kls, n = [], 0, [], 0
-    with torch.no_grad():
-        for args in _inputs(c, vocab):
-            a = _main(reference(*args), out_names, main).float()
-            b = _main(candidate(*args), out_names, main).float()
-            errs.append((a - b).abs().flatten())
-            if main == "logits":
-                a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-                agree += int((a2.argmax(-1) == b2.argmax(-1)).sum())
-                n += a2.shape[0]
-                lp, lq = torch.log_softmax(a2.double(), -1), torch.log_softmax(b2.double(), -1)
-                kls.append((lp.exp() * (lp - lq)).sum(-1))
-    err = torch.cat(errs)
+    for ra, rb in zip(reference, candidate):
+        a, b = _main(ra, main, pieces), _main(rb, main, pieces)
+        errs.append(np.abs(a - b).ravel())
+        if main == "logits":
+            a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+            agree += int((a2.argmax(-1) == b2.argmax(-1)).sum())
+            n += a2.shape[0]
+            lp, lq = _log_softmax(a2), _log_softmax(b2)
+            kls.append((np.exp(lp) * (lp - lq)).sum(-1))
+    err = np.concatenate(errs)
     figures = {"output": main, "max_abs_err": float(err.max()), "mean_abs_err": float(err.mean()),
-               "method": "decompressed weights in the exported PyTorch program (fp32), against the float package's weights",
-               "size_bytes": _size(package), "float_size_bytes": _size(float_package)}
+               "method": METHOD, "size_bytes": _size(package), "float_size_bytes": _size(float_package)}
     if main == "logits":
         figures["top1_agreement"] = agree / n
-        figures["mean_kl"] = float(torch.cat(kls).mean())
+        figures["mean_kl"] = float(np.concatenate(kls).mean())
         figures["positions"] = n
     return {k: (round(v, 8) if isinstance(v, float) else v) for k, v in figures.items()}
 
 
-def _vocab(weights: dict[str, np.ndarray]) -> int:
-    """The token count: rows of the embedding table (tokens drawn below it are valid for every model)."""
-    from .compress import part_of
-
-    rows = [w.shape[0] for name, w in weights.items() if w.ndim == 2 and part_of(name) == "embeddings"]
-    if not rows:
-        raise ExportError("no embedding table among the package's weights: cannot draw valid tokens",
-                          field="weights")
-    return int(min(rows))
+def _main(result: dict, main: str, pieces: list[str]) -> np.ndarray:
+    """The main output as float64; a split head's logits_0 .. logits_k concatenated, as the app does."""
+    if main == "logits" and "logits" not in result:
+        return np.concatenate([np.asarray(result[n], np.float64) for n in pieces], axis=-1)
+    return np.asarray(result[main], np.float64)
 
 
-def _main(result, names: list[str], main: str):
-    if isinstance(result, (tuple, list)):
-        return result[names.index(main)]
-    return result
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def _size(p: Path) -> int:

@@ -132,6 +132,8 @@ def seeded_inputs(c: dict, seed: int = SEED) -> dict[str, np.ndarray]:
         elif t["name"] == "position_ids":
             out["position_ids"] = np.arange(shape[-1], dtype=np.int32).reshape(shape) if c["mode"] == "prefill" \
                 else np.full(shape, 0, np.int32)
+        elif t["name"] == "hidden_in":  # a part of a chain: hidden states from the part before
+            out["hidden_in"] = rng.standard_normal(shape).astype(np.dtype(t["dtype"]))
         elif t["name"] == "attention_mask":
             m = np.ones(shape, np.int32)
             m[..., shape[-1] - shape[-1] // 4:] = 0  # a padded tail
@@ -144,6 +146,8 @@ def seeded_inputs(c: dict, seed: int = SEED) -> dict[str, np.ndarray]:
 
 
 def _vocab(c: dict) -> int:
+    if "part" in c:  # a part of a chain: the whole vocabulary, whichever piece of the logits it gives
+        return int(c["part"]["vocab_size"])
     for t in c["outputs"]:
         if t["name"] == "logits":
             return int(t["shape"][-1])
@@ -155,13 +159,13 @@ def _vocab(c: dict) -> int:
 class Program:
     """An ExportedProgram, runnable on numpy inputs, with its parameters replaceable (compressed packages)."""
 
-    def __init__(self, exported: Path, c: dict):
+    def __init__(self, exported: Path, c: dict, weights: Path | str | None = None):
         import torch
 
         from .convert import load_program
 
         self.torch = torch
-        fmt, ep = load_program(exported)
+        fmt, ep = load_program(exported, weights)
         if fmt != "exported_program":
             raise ExportError("verification needs the ExportedProgram (.pt2)", file=exported, field="--exported")
         self.ep = ep
@@ -219,15 +223,23 @@ def decode_case(program: Program, c: dict, seed: int = SEED, fill: int = DECODE_
     kv = [t for t in (c["states"] or [t for t in c["inputs"] if t["name"] in ("k_cache", "v_cache")])]
     cache = {t["name"]: (rng.standard_normal(t["shape"]) * 2).astype(np.dtype(t["dtype"])) for t in kv}
     stateful = bool(c["states"])
-    for p in range(n):
-        step = {"input_ids": ids[p].reshape(1, 1), "position_ids": np.array([[p]], np.int32)}
+    hidden = {t["name"]: [rng.standard_normal(t["shape"]).astype(np.dtype(t["dtype"])) for _ in range(n + 1)]
+              for t in c["inputs"] if t["name"] == "hidden_in"}  # a part of a chain: the part before's output
+
+    def at(p: int) -> dict:
+        step = {"input_ids": ids[p].reshape(1, 1), "position_ids": np.array([[p]], np.int32),
+                **{name: h[p] for name, h in hidden.items()}}
+        return {t["name"]: step[t["name"]] for t in c["inputs"] if t["name"] in step}
+
+    for p in range(n if kv else 0):
+        step = at(p)
         if stateful:
             program(step, state=cache)
         else:
             out = program({**step, **cache})
             for name, new in (("k_cache", "k_new"), ("v_cache", "v_new")):
                 cache[name][:, :, :, p:p + 1, :] = out[new].astype(cache[name].dtype)
-    inputs = {"input_ids": ids[n].reshape(1, 1), "position_ids": np.array([[n]], np.int32)}
+    inputs = at(n)
     if not stateful:
         inputs.update(cache)
     return inputs, (cache if stateful else {})
@@ -278,7 +290,7 @@ def _weight_tol(options: dict) -> float | None:
 
 
 def verify(package, exported: Path | str, contract_path: Path | str, function: str | None = None,
-           *, program: Program | None = None, seed: int = SEED) -> Verdict:
+           *, program: Program | None = None, seed: int = SEED, weights: Path | str | None = None) -> Verdict:
     """Run ``package`` (a path or an interpreter ``Package``) and the program on the same seeded inputs.
 
     Memory: at most one side's model is loaded at a time where the order allows it. A prefill check of an
@@ -293,6 +305,7 @@ def verify(package, exported: Path | str, contract_path: Path | str, function: s
     fn = pkg.function(function).name
     pkg_path = str(pkg.path)
     own_program = program is None
+    checkpoint = weights
     precision = precision_of(pkg, fn)
     tol = FP16_RTOL if precision == "fp16" else FP32_RTOL
 
@@ -300,7 +313,7 @@ def verify(package, exported: Path | str, contract_path: Path | str, function: s
     wtol = _weight_tol(package_options(pkg))
     compressed = {_COMPRESSED.sub("", n): v for n, v in pkg.function(fn).consts.items() if _COMPRESSED.search(n)}
     if compressed or c["mode"] == "decode":  # the program first: its weights replaced, or the cache it fills
-        program = program or Program(Path(exported), c)
+        program = program or Program(Path(exported), c, checkpoint)
     if compressed:
         sd = program.ep.state_dict
         for name, value in compressed.items():
@@ -327,7 +340,7 @@ def verify(package, exported: Path | str, contract_path: Path | str, function: s
     on_device = sys.platform == "darwin"  # the device's own runtime too (not run in CI, which is Linux)
     if not on_device and not isinstance(package, Package):
         pkg = None  # this call's own package: its weights are not needed any more
-    program = program or Program(Path(exported), c)
+    program = program or Program(Path(exported), c, checkpoint)
     want_state = {k: v.copy() for k, v in cache.items()} if c["states"] else None
     want = program(inputs, state=want_state)
     floors = {}
@@ -430,13 +443,15 @@ def main(argv=None) -> None:
     p.add_argument("--exported", required=True, type=Path, help="the ExportedProgram (.pt2) it was converted from")
     p.add_argument("--contract", required=True, type=Path, help="the per-(mode, T) contract")
     p.add_argument("--function", default=None, help="the package's function (default: its default function)")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="the checkpoint a .pt2 written by the build keeps its weights in")
     args = p.parse_args(argv)
     from .convert import quiet_coremltools
 
     quiet_coremltools()
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export's pytree deprecations
     with cli_errors():
-        v = verify(args.package, args.exported, args.contract, args.function)
+        v = verify(args.package, args.exported, args.contract, args.function, weights=args.weights)
         bad = v.failure()
         if bad:
             print(f"error: {args.package}: function {v.function}: {bad}", file=sys.stderr)

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import ExportError
 from . import decoder_lm
-from .decoder_lm import LMDims, decode_slots, prefill_mask, with_token
+from .decoder_lm import LMDims, PartSpec, decode_slots, prefill_mask, run_part, with_token
 from .names import ARCHITECTURE_MODES, ARCHITECTURE_TOOLS
 from .spec import Architecture
 
@@ -136,8 +136,9 @@ class _StackedKV:
     caller's cache with the token written into slot ``here`` (decode).
     """
 
-    def __init__(self, k_cache=None, v_cache=None, here=None, write: bool = False):
+    def __init__(self, k_cache=None, v_cache=None, here=None, write: bool = False, first: int = 0):
         self.k_cache, self.v_cache, self.here, self.write = k_cache, v_cache, here, write
+        self.first = first  # a chunk's cache holds its layers only: layer i is its slot i - first
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
@@ -146,7 +147,8 @@ class _StackedKV:
         self.values.append(value_states)
         if self.k_cache is None:
             return key_states, value_states
-        return with_token(key_states, value_states, self.k_cache, self.v_cache, layer_idx, self.here, self.write)
+        return with_token(key_states, value_states, self.k_cache, self.v_cache, layer_idx - self.first, self.here,
+                          self.write)
 
     def stacked(self):
         return torch.stack(self.keys), torch.stack(self.values)
@@ -180,6 +182,84 @@ class HFCausalLM(nn.Module):
     def decode(self, input_ids, position_ids, k_cache, v_cache, write_cache: bool = False):
         here, mask = decode_slots(position_ids, k_cache.shape[3], self._dtype())
         return self._run(input_ids, position_ids, mask, _StackedKV(k_cache, v_cache, here, write_cache))
+
+
+class HFPart(nn.Module):
+    """One part of a transformers causal LM's chain (export/models/decoder_lm.py, "parts"): built from the
+    config on the current device (``torch.device("meta")`` when loading: no weight of another part is ever
+    made), keeping the transformers modules of its layers under their names in the checkpoint."""
+
+    def __init__(self, config, part: PartSpec):
+        super().__init__()
+        tf = _transformers()
+        check_config(config)
+        config._attn_implementation = ATTENTION
+        self.config, self.part, self.dims, self.hidden = config, part, dims(config), config.hidden_size
+        full = tf.AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        self.lm = nn.Module()
+        self.lm.model = nn.Module()
+        if part.embed:
+            self.lm.model.embed_tokens = full.model.embed_tokens
+        if part.layers:
+            self.lm.model.layers = nn.ModuleDict({str(i): full.model.layers[i] for i in range(part.first, part.end)})
+        if part.head:
+            self.lm.model.norm = full.model.norm
+            if part.head_split:
+                self.lm.lm_head = nn.ModuleList(nn.Linear(config.hidden_size, b - a, bias=False)
+                                                for a, b in part.pieces(config.vocab_size))
+            else:
+                self.lm.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._rotary_cls = type(full.model.rotary_emb)
+        del full
+
+    def sources(self) -> dict[str, tuple[str, tuple[int, int] | None]]:
+        """Each weight's checkpoint tensor (``lm_head.weight``, which the loader takes from the embeddings
+        when the checkpoint ties them), and vocabulary rows for a piece of a split head."""
+        out = {}
+        pieces = self.part.pieces(self.config.vocab_size)
+        for key in self.state_dict():
+            name = key[len("lm."):]
+            if self.part.head_split and name.startswith("lm_head."):
+                out[key] = ("lm_head.weight", pieces[int(name.split(".")[1])])
+            else:
+                out[key] = (name, None)
+        return out
+
+    def finish(self) -> None:
+        """After the weights are in: the rotary embedding (its inverse frequencies are computed, not stored)."""
+        if self.part.layers:
+            with torch.device("cpu"):
+                self.rotary = self._rotary_cls(config=self.config)
+
+    def embed_in(self, input_ids):
+        return self.lm.model.embed_tokens(input_ids)
+
+    def context(self, x, position_ids, mask, here):
+        cache = _StackedKV() if here is None else None
+        return {"mask": mask, "here": here, "pos": position_ids, "pe": self.rotary(x, position_ids), "cache": cache}
+
+    def layer(self, j: int, x, ctx, k_cache, v_cache, write: bool):
+        cache = ctx["cache"] if ctx["here"] is None else _StackedKV(k_cache, v_cache, ctx["here"], write,
+                                                                    first=self.part.first)
+        seen = len(cache.keys)
+        x = self.lm.model.layers[str(self.part.first + j)](
+            x, attention_mask=ctx["mask"], position_ids=ctx["pos"], cache=cache, use_cache=False,
+            position_embeddings=ctx["pe"])
+        if len(cache.keys) != seen + 1:
+            raise ExportError(f"layer {self.part.first + j} updated the K/V cache {len(cache.keys) - seen} times: its "
+                              "attention does not fit the stacked K/V contract", field="architecture")
+        return x, cache.keys[-1], cache.values[-1]
+
+    def head_out(self, x):
+        h = self.lm.model.norm(x)
+        return tuple(piece(h) for piece in self.lm.lm_head) if self.part.head_split else (self.lm.lm_head(h),)
+
+    def run(self, mode: str, *args, write_cache: bool = False):
+        return run_part(self, mode, *args, write_cache=write_cache)
+
+
+def build_part(config, part: PartSpec) -> HFPart:
+    return HFPart(config, part)
 
 
 def build(config) -> HFCausalLM:
@@ -216,4 +296,5 @@ ARCHITECTURE = Architecture(
     name="hf-causal-lm", config_cls=None, build=build, modes=MODES, io=io, wrap=wrap,
     example_inputs=example_inputs, max_positions=max_positions, load_model=load_model,
     load_config=load_config, tools=ARCHITECTURE_TOOLS["hf-causal-lm"],
+    build_part=build_part, hidden_size=lambda c: c.hidden_size,
 )

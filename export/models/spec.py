@@ -63,6 +63,8 @@ class Architecture:
       are model folders (``hf-causal-lm``), the model with its weights and its config;
       ``None`` for single-file checkpoints.
     - ``tools``: packages besides torch whose version changes the exported bytes.
+    - ``build_part(config, part)``, ``hidden_size(config)``: decoder LMs that can be cut into parts
+      (export/models/decoder_lm.py, "parts"); the part's modules only, on the current device.
 
     ``kv_cache``: ``"explicit"`` (caches are inputs and outputs) or ``"state"``
     (caches are buffers updated in place, declared as ``states``; needs T in
@@ -80,6 +82,8 @@ class Architecture:
     load_model: Callable | None = None
     load_config: Callable | None = None
     tools: tuple[str, ...] = ()
+    build_part: Callable | None = None  # (config, decoder_lm.PartSpec) -> one part of the chain (decoder LMs)
+    hidden_size: Callable | None = None  # config -> the hidden states' width between parts
 
 
 TORCH_DTYPES = {"float32": "float32", "float16": "float16", "int32": "int32"}

@@ -21,7 +21,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from . import decoder_lm
-from .decoder_lm import LMDims, decode_slots, prefill_mask, with_token
+from .decoder_lm import LMDims, PartSpec, decode_slots, prefill_mask, run_part, with_token
 from .names import ARCHITECTURE_MODES
 from .spec import Architecture, ModeSpec
 
@@ -161,6 +161,61 @@ class Student(nn.Module):
         return self.lm_head(self.norm(x)), torch.stack(ks), torch.stack(vs)
 
 
+class StudentPart(nn.Module):
+    """One part of the student's chain (export/models/decoder_lm.py, "parts"): its embeddings, its blocks
+    (named by their index in the whole model, as in the checkpoint), its final norm and head."""
+
+    def __init__(self, c: StudentConfig, part: PartSpec):
+        super().__init__()
+        self.c, self.part, self.dims, self.hidden = c, part, dims(c), c.d_model
+        if part.embed:
+            self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        if part.layers:
+            self.blocks = nn.ModuleDict({str(i): Block(c) for i in range(part.first, part.end)})
+        if part.head:
+            self.norm = RMSNorm(c.d_model, c.norm_eps)
+            if part.head_split:
+                self.lm_head = nn.ModuleList(nn.Linear(c.d_model, b - a, bias=False)
+                                             for a, b in part.pieces(c.vocab_size))
+            else:
+                self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+
+    def sources(self) -> dict[str, tuple[str, tuple[int, int] | None]]:
+        """Each weight's checkpoint tensor (and vocabulary rows, for a piece of a split head)."""
+        out = {}
+        pieces = self.part.pieces(self.c.vocab_size)
+        for key in self.state_dict():
+            if self.part.head_split and key.startswith("lm_head."):
+                out[key] = ("lm_head.weight", pieces[int(key.split(".")[1])])
+            else:
+                out[key] = (key, None)
+        return out
+
+    def finish(self) -> None:
+        """Nothing computed: the rotary angles come from the positions in forward."""
+
+    def embed_in(self, input_ids):
+        return self.embed(input_ids)
+
+    def context(self, x, position_ids, mask, here):
+        cos, sin = rotary(position_ids, self.c.head_dim, self.c.rope_theta, x.dtype)
+        return cos, sin, mask, here
+
+    def layer(self, j: int, x, ctx, k_cache, v_cache, write: bool):
+        cos, sin, mask, here = ctx
+        block = self.blocks[str(self.part.first + j)]
+        q, k, v = block.qkv(x, cos, sin)
+        k_all, v_all = (k, v) if here is None else with_token(k, v, k_cache, v_cache, j, here, write)
+        return block.finish(x, q, k_all, v_all, mask), k, v
+
+    def head_out(self, x):
+        h = self.norm(x)
+        return tuple(piece(h) for piece in self.lm_head) if self.part.head_split else (self.lm_head(h),)
+
+    def run(self, mode: str, *args, write_cache: bool = False):
+        return run_part(self, mode, *args, write_cache=write_cache)
+
+
 def dims(c: StudentConfig) -> LMDims:
     return LMDims(n_layers=c.n_layers, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, vocab_size=c.vocab_size)
 
@@ -180,4 +235,5 @@ wrap = decoder_lm.wrap
 ARCHITECTURE = Architecture(
     name="student", config_cls=StudentConfig, build=Student, modes=MODES, io=io, wrap=wrap,
     example_inputs=example_inputs, max_positions=lambda c: c.max_positions,
+    build_part=StudentPart, hidden_size=lambda c: c.d_model,
 )

@@ -122,6 +122,10 @@ def write(state: Path, argv: list[str], root: Path, artifacts: Path, config_file
     models = _subdirs(str(artifacts))
     for m in models:  # where prune_artifacts looks for stale outputs (export/planner/tasks.py stale_outputs)
         paths += [os.path.join(artifacts, m), os.path.join(artifacts, m, "exported"), os.path.join(artifacts, m, "coreml")]
+        for sub in _subdirs(os.path.join(artifacts, m)):  # the parts of a parted model (artifacts/<model>/<part>/)
+            if sub not in ("exported", "coreml") and not sub.endswith(".mlpackage"):
+                d = os.path.join(artifacts, m, sub)
+                paths += [d, os.path.join(d, "exported"), os.path.join(d, "coreml")]
     files, seen, now = [], set(), time.time()
     for p in paths:
         if p in seen:

@@ -56,10 +56,50 @@ def build_report(artifacts: Path, record: dict, state: Path | None = None) -> di
         "tasks": rows,
         "models": models(artifacts),
         "recipes": recipe_tables(artifacts),  # export/planner/recipe_report.py
+        "device": device_rows(artifacts),
         "timeline": timeline.trace(record),
         "trends": history.trends(history.builds(state)) if state is not None else {},
         "history": _history_counts(state),
     }
+
+
+def device_rows(artifacts: Path) -> list[dict]:
+    """Every package's figures against its devices' limits (export/coreml/checks.py, written in its manifest by
+    the step that built it): one row per package and function, leaves and bundles alike."""
+    rows = []
+    for manifest in sorted(Path(artifacts).glob("*/**/*.mlpackage.manifest.json")):
+        try:
+            device = json.loads(manifest.read_text()).get("device")
+        except (OSError, ValueError):
+            continue
+        if not device:
+            continue
+        package = manifest.relative_to(artifacts).as_posix().removesuffix(".manifest.json")
+        problems = device.get("problems", [])
+        for fn, f in sorted(device.get("functions", {}).items()):
+            rows.append({"package": package, "function": fn, "target": device.get("target"),
+                         "weight_file_bytes": f.get("weight_file_bytes"), "max_dim": f.get("max_dim"),
+                         "max_dim_tensor": f.get("max_dim_tensor"), "ops": f.get("ops"),
+                         "problems": [p["line"] for p in problems if fn in p["function"].split(", ")]})
+    return rows
+
+
+def _device_html(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    parts = ["<h2>Device limits</h2><p class=muted>Per package and function: the weight file a device loads "
+             "(about 1 GB per file on iOS, 2 GB on macOS), the largest tensor dimension (16384 on the Neural Engine) "
+             "and the op count (export/coreml/checks.py).</p>",
+             "<table><tr><th>package</th><th>function</th><th>target</th><th>weight file</th><th>largest dimension</th>"
+             "<th>ops</th><th></th></tr>"]
+    for r in rows:
+        bad = "; ".join(r["problems"])
+        parts.append(f"<tr><td><code>{_e(r['package'])}</code></td><td>{_e(r['function'])}</td><td>{_e(r['target'])}</td>"
+                     f"<td class=n>{_mb(r['weight_file_bytes'])}</td>"
+                     f"<td class=n>{_e(r['max_dim'])} <span class=muted>{_e(r['max_dim_tensor'] or '')}</span></td>"
+                     f"<td class=n>{_e(r['ops'])}</td><td class='{'failed' if bad else ''}'>{_e(bad)}</td></tr>")
+    parts.append("</table>")
+    return "".join(parts)
 
 
 def _history_counts(state: Path | None) -> dict:
@@ -74,9 +114,19 @@ def models(artifacts: Path) -> dict:
     out = {}
     for path in sorted(Path(artifacts).glob("*/contract.json")):
         try:
-            out[path.parent.name] = json.loads(path.read_text())
+            data = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             out[path.parent.name] = {"error": f"{path}: {e}"}
+            continue
+        if "chain" not in data:
+            out[path.parent.name] = data
+            continue
+        for link in data["chain"]:  # a parted model: each part's bundle contract, as <model>.<part>
+            part = path.parent / link.get("contract", "")
+            try:
+                out[f"{path.parent.name}.{link['part']}"] = json.loads(part.read_text())
+            except (OSError, ValueError, KeyError) as e:
+                out[f"{path.parent.name}.{link.get('part')}"] = {"error": f"{part}: {e}"}
     return out
 
 
@@ -163,7 +213,8 @@ def to_html(report: dict) -> str:
                      f"<td class='{_e(r['status'])}'>{_e(r['status'])}</td>"
                      f"<td class=n>{'' if secs is None else f'{secs:.1f}'}</td><td>{bar}</td>"
                      f"<td class=n>{peak}</td><td class=n>{_mb(r['bytes'])}</td></tr>")
-    parts.append("</table>" + recipes_html(report.get("recipes") or {}) + "<h2>Models</h2>")
+    parts.append("</table>" + recipes_html(report.get("recipes") or {}) + _device_html(report.get("device") or [])
+                 + "<h2>Models</h2>")
     if not report["models"]:
         parts.append("<p class=muted>No model contract yet (the bundles have not been built).</p>")
     for name, contract in report["models"].items():

@@ -27,13 +27,15 @@ from doit.exceptions import UnmetDependency
 from doit.reporter import ConsoleReporter
 
 from .. import atomic
+from ..checkpoint_files import input_files
 from .noop import process_started as _process_started
 
 # What a task's values add to its record: output digests and sizes, the step's
 # own seconds and peak memory, the action key, the nightly's verdict, the Dask worker that ran it, and
 # verify_coreml's verdict (errors per output, export/coreml/verify.py).
 KEPT = ("outputs", "sizes", "peak_mb", "reserved_mb", "started", "ended", "action_key", "reproducible", "cached",
-        "worker", "uploaded", "verdict", "input_bytes", "lane", "span", "phases", "held", "budget_mb", "quality")
+        "worker", "uploaded", "verdict", "input_bytes", "lane", "span", "phases", "held", "budget_mb", "quality",
+        "lost_workers")
 HEARTBEAT = 60.0  # seconds between "still running" lines when not on a terminal
 
 
@@ -55,6 +57,17 @@ def _fmt_bytes(n) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
+
+
+def stamp_files(config) -> list[Path]:
+    """Files the fast no-op stamps besides the tasks' own: the config files, and the checkpoint files of parted
+    models (export/parts.py: their parts' keys cover their tensors, not the files, so a changed checkpoint must
+    load the graph again)."""
+    out = [config.root / "pyproject.toml", config.shape_sets_file]
+    for m in config.models:
+        if m.parts is not None:
+            out += input_files(config.root / m.checkpoint)
+    return out
 
 
 class BuildReporter(ConsoleReporter):
@@ -279,8 +292,7 @@ class BuildReporter(ConsoleReporter):
                 outputs = self.records[n].get("outputs") or (task.values or {}).get("outputs")
                 tasks[n] = _Stamped(task.actions, task.file_dep, {"outputs": outputs} if outputs else {})
             c = self.config
-            noop.write(self.state_path, sys.argv, c.root, c.artifacts, [c.root / "pyproject.toml", c.shape_sets_file],
-                       tasks, self.record_path)
+            noop.write(self.state_path, sys.argv, c.root, c.artifacts, stamp_files(c), tasks, self.record_path)
         except Exception as e:  # the fast path is an optimization: without a stamp the next no-op checks everything
             self.write(f"warning: could not write {self.state_path / 'noop-stamp.bin'}: {e}\n")
 

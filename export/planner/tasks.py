@@ -29,6 +29,7 @@ from doit.tools import config_changed
 
 from .. import checkpoint_files
 from .. import config as config_mod
+from .. import parts as parts_mod
 from .. import settings
 from . import depfile, lock, written
 from ..codekey import CodeKeys
@@ -49,6 +50,7 @@ class _State:
     stat: StatCache | None = None
     code: CodeKeys | None = None
     cache = None  # export.cache.Cache, made on first use (a no-op build never imports it)
+    parts: dict = {}  # model name -> PartsPlan, for the parted models (export/parts.py)
     ledger = None  # export.planner.memory.Ledger: the build's memory budget
 
 
@@ -123,6 +125,7 @@ def setup(dodo_file: str, argv: list[str]) -> dict:
     else:
         S.stat = StatCache(state / "stat-cache.sqlite")
     S.code = CodeKeys(S.stat)
+    _plan_parts(state, write=lock.command_of(argv) not in lock.READ_ONLY)
     lock.acquire(state / "lock", argv)
     depfile.check(state / "doit.sqlite", repair=lock.command_of(argv) not in lock.READ_ONLY)
     return {
@@ -136,6 +139,37 @@ def setup(dodo_file: str, argv: list[str]) -> dict:
     }
 
 
+class PartsPlan:
+    """A parted model's parts (export/parts.py) and what each part's key covers of the checkpoint."""
+
+    def __init__(self, info, parts, digests: dict[str, str]):
+        self.info, self.parts, self.digests = info, parts, digests
+
+    def kwargs(self, part) -> dict:
+        """The export step's ``part``: its plan, its digest (config + its tensors) and the bytes it reads."""
+        return {**part.to_json(), "digest": self.digests[part.name], "bytes": part.checkpoint_bytes}
+
+
+def _plan_parts(state: Path, write: bool = True) -> None:
+    """Plan the parts of every parted model from its checkpoint's headers (no torch) before any step runs; a
+    plan that cannot be (more chunks than layers, a part over max_part_mb, a model type that cannot be cut) is
+    one error line naming pyproject.toml and the field. Each part's digest covers the model config and the
+    part's own tensors (read once per file content, export/parts.py ``tensor_digests``)."""
+    S.parts = {}
+    pyproject = S.config.root / "pyproject.toml"
+    for m in S.config.models:
+        if m.parts is None:
+            continue
+        try:
+            info = parts_mod.index(S.config.root / m.checkpoint)
+            plan = parts_mod.plan(m, info, file=pyproject)
+            digests = parts_mod.tensor_digests(info, state if write else None, digest=_stat().file)
+        except ExportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        S.parts[m.name] = PartsPlan(info, plan, {p.name: parts_mod.part_digest(info, p, digests) for p in plan})
+
+
 def _interrupted(signum, frame):
     """Ctrl-C: one line instead of doit's traceback. Outputs appear atomically, so what finished is kept."""
     print("interrupted: the build stopped; finished steps are kept, run doit again to go on", file=sys.stderr, flush=True)
@@ -147,7 +181,12 @@ def _check_checkpoints_exist() -> None:
     for i, m in enumerate(S.config.models):
         if m.is_demo:
             continue
-        for f in checkpoint_files.input_files(S.config.root / m.checkpoint):
+        try:
+            files = checkpoint_files.input_files(S.config.root / m.checkpoint)
+        except ExportError as e:  # a model folder whose shard index is not one
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        for f in files:
             if not f.exists():
                 print(f"error: {f}: tool.export.models[{i}].checkpoint: no such checkpoint file (model {m.name!r})",
                       file=sys.stderr)
@@ -255,7 +294,7 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
             return {"outputs": restored, "restored": True, "action_key": akey,
                     "sizes": {rel: _size(p) for rel, p in zip(rels, outputs)}, "input_bytes": in_bytes,
                     "lane": lane, "span": [entered, done], "phases": [["cache restore", entered, done]],
-                    **_verdict(step, outputs)}
+                    **_verdict(step, outputs, task_name)}
     looked = time.time()
     log = S.config.root / STATE_DIR / "logs" / f"{task_name.replace(':', '__')}.log"
     need = need_mb(step, kwargs, inputs)
@@ -288,7 +327,7 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
         values["cached"], values["reproducible"] = done.cached, done.reproducible
     if done.uploaded:
         values["uploaded"] = done.uploaded
-    values.update(_verdict(step, outputs))
+    values.update(_verdict(step, outputs, task_name))
     phases = [["cache lookup", entered, looked]]
     if held["waited"]:
         phases.append(["memory wait", *held["waited"]])
@@ -298,14 +337,32 @@ def run_step(step: str, kwargs: dict, outputs: list[Path], task_name: str, key: 
     return values
 
 
-def _verdict(step: str, outputs: list[Path]) -> dict:
-    """verify_coreml's verdict (errors per output) for last_build.json and the report."""
+def _verdict(step: str, outputs: list[Path], task_name: str | None = None) -> dict:
+    """verify_coreml's verdict (errors per output) for last_build.json and the report; a package's figures
+    against its devices' limits (``device``, from its manifest), each problem said once on stderr."""
+    if step in ("convert_coreml", "compress_coreml", "bundle_coreml"):
+        return _device(outputs, task_name)
     if step != "verify_coreml":
         return {}
     try:
         return {"verdict": json.loads(Path(outputs[0]).read_text())}
     except (OSError, ValueError):
         return {}
+
+
+def _device(outputs: list[Path], task_name: str | None) -> dict:
+    for p in outputs:
+        if p.name.endswith(".mlpackage"):
+            try:
+                device = json.loads(manifest_of(p).read_text()).get("device")
+            except (OSError, ValueError):
+                return {}
+            if not device:
+                return {}
+            for problem in device.get("problems", ()):
+                print(f"warning: {task_name}: {rel(p)}: {problem['line']}", file=sys.stderr)
+            return {"device": device}
+    return {}
 
 
 def dask_address() -> str | None:
@@ -326,7 +383,10 @@ def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], 
         return TaskFailed(f"error: {pyproject}: tool.export.cache.remote: steps on the Dask cluster at {address} "
                           "need a shared cache that the workers reach and the build may write (a directory they "
                           "all mount, or s3://...)")
-    input_rels = [*inputs, *(rel(Path(p)) for p in _package_inputs(kwargs))]
+    input_rels = [*inputs, *(rel(Path(p)) for p in _package_inputs(kwargs)),
+                  *(rel(p) for p in _weight_inputs(kwargs) if rel(p) not in inputs)]
+    if "part" in kwargs:  # a part's export reads its tensors from the checkpoint's files (not in its file_dep)
+        input_rels += [rel(f) for f in checkpoint_files.input_files(kwargs["checkpoint"]) if rel(f) not in input_rels]
     digests = {rel: _stat().any(root / rel) for rel in input_rels}
     inputs_key = "in-" + bytes_digest(json.dumps(digests, sort_keys=True).encode())
     if not cache.remote_has(inputs_key):
@@ -364,7 +424,9 @@ def _run_on_cluster(address: str, step: str, kwargs: dict, outputs: list[Path], 
               "input_bytes": in_bytes, "lane": result["worker"], "span": [entered or result["started"], time.time()]}
     if nightly:
         values["cached"], values["reproducible"] = result["cached"], result["reproducible"]
-    values.update(_verdict(step, outputs))
+    if result.get("lost_workers"):
+        values["lost_workers"] = result["lost_workers"]  # the workers (by name) lost while they held it
+    values.update(_verdict(step, outputs, task_name))
     return values
 
 
@@ -375,14 +437,26 @@ def _package_inputs(kwargs: dict) -> list[str]:
             *kwargs.get("leaves", {}).values()]
 
 
+def _weight_inputs(kwargs: dict) -> list[Path]:
+    """The checkpoint files a step reads the program's weights from (shipped to a Dask worker with its inputs)."""
+    return checkpoint_files.input_files(kwargs["weights"]) if "weights" in kwargs else []
+
+
 def input_sizes(kwargs: dict, inputs: list[str]) -> list[int]:
-    """The bytes of each thing a step reads: its input files, and the packages a bundle merges."""
+    """The bytes of each thing a step reads: its input files, the packages a bundle merges, and the weights a
+    program reads from its checkpoint (export/weight_refs.py: the bytes it refers to, not the whole checkpoint)."""
+    from ..weight_refs import external_bytes
+
     data = [_size(S.config.root / rel) for rel in inputs if (S.config.root / rel).exists()]
+    if "part" in kwargs:  # a part's export reads its own tensors, not the whole checkpoint (export/parts.py)
+        data.append(int(kwargs["part"].get("bytes", 0)))
+    if "weights" in kwargs and "exported" in kwargs:
+        data.append(external_bytes(kwargs["exported"]))
     return data + [_size(Path(p)) for p in _package_inputs(kwargs) if Path(p).exists()]
 
 
 def input_bytes(kwargs: dict, inputs: list[str]) -> int:
-    """The bytes a step reads: its input files, and the packages a bundle merges."""
+    """The bytes a step reads: its input files, the packages a bundle merges, the weights a program refers to."""
     return sum(input_sizes(kwargs, inputs))
 
 
@@ -472,32 +546,73 @@ def checkpoint_path(m) -> Path:
     return model_dir(m) / "checkpoint.pt" if m.is_demo else S.config.root / m.checkpoint
 
 
+def program_weights(m, fmt: str) -> dict:
+    """The ``weights`` argument of a step that loads the model's ``fmt`` export: an ExportedProgram written by
+    the build keeps its weights in the checkpoint (export/program_weights.py). Not a key: the ``.pt2``'s
+    bytes hold the digest of every tensor it reads there (export/weight_refs.py), and the loader checks them."""
+    return {"weights": str(checkpoint_path(m))} if fmt == "exported_program" else {}
+
+
+def device_limits(m) -> dict:
+    """What the steps check a model's packages against (export/coreml/checks.py): its deployment target's
+    devices, and whether a package over a limit warns or fails."""
+    return {"target": m.coreml.minimum_deployment_target, "policy": m.device_limits}
+
+
+def _fail_key(m) -> dict:
+    """``device_limits = "fail"`` keys the steps that check (the step then fails where it passed); the default,
+    "warn", changes nothing they write and keys nothing."""
+    return {"device_limits": "fail"} if m.device_limits == "fail" else {}
+
+
 def checkpoint_inputs(m) -> list[Path]:
     """The files a model's checkpoint consists of (a model folder: its config.json and model.safetensors)."""
     return checkpoint_files.input_files(checkpoint_path(m))
 
 
-def export_paths(m, mode, T) -> tuple[dict[str, Path], Path]:
+def units(m) -> list:
+    """What a model is built as: its parts in chain order (export/parts.py), or [None] (one whole model)."""
+    return S.parts[m.name].parts if m.parts is not None else [None]
+
+
+def unit_dir(m, part=None) -> Path:
+    """A part's folder under the model's (``artifacts/<model>/<part>/``), or the model's own."""
+    return model_dir(m) / part.name if part is not None else model_dir(m)
+
+
+def bundle_stem(m, part=None) -> str:
+    return m.name if part is None else f"{m.name}.{part.name}"
+
+
+def bundle_path(m, part=None) -> Path:
+    return unit_dir(m, part) / f"{bundle_stem(m, part)}.mlpackage"
+
+
+def export_paths(m, mode, T, part=None) -> tuple[dict[str, Path], Path]:
     from ..contract import FORMATS
 
-    d, stem = model_dir(m) / "exported", entry_name(mode, T)
+    d, stem = unit_dir(m, part) / "exported", entry_name(mode, T)
     return {f: d / (stem + FORMATS[f]) for f in m.formats}, d / f"{stem}.contract.json"
 
 
-def package_path(m, mode, T) -> Path:
-    return model_dir(m) / "coreml" / f"{entry_name(mode, T)}.mlpackage"
+def package_path(m, mode, T, part=None) -> Path:
+    return unit_dir(m, part) / "coreml" / f"{entry_name(mode, T)}.mlpackage"
 
 
-def compressed_path(m, mode, T, recipe: str) -> Path:
-    return model_dir(m) / "coreml" / f"{entry_name(mode, T)}.{recipe}.mlpackage"
+def compressed_path(m, mode, T, recipe: str, part=None) -> Path:
+    return unit_dir(m, part) / "coreml" / f"{entry_name(mode, T)}.{recipe}.mlpackage"
 
 
-def quality_path(m, mode, T, recipe: str) -> Path:
-    return model_dir(m) / "coreml" / f"{entry_name(mode, T)}.{recipe}.quality.json"
+def quality_path(m, mode, T, recipe: str, part=None) -> Path:
+    return unit_dir(m, part) / "coreml" / f"{entry_name(mode, T)}.{recipe}.quality.json"
 
 
-def recipe_bundle_path(m, recipe: str) -> Path:
-    return model_dir(m) / f"{m.name}.{recipe}.mlpackage"
+def recipe_bundle_path(m, recipe: str, part=None) -> Path:
+    return unit_dir(m, part) / f"{bundle_stem(m, part)}.{recipe}.mlpackage"
+
+
+def recipe_contract_path(m, recipe: str, part=None) -> Path:
+    return unit_dir(m, part) / f"{bundle_stem(m, part)}.{recipe}.contract.json"
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -511,12 +626,12 @@ def tokenizer_files(m) -> list[Path]:
     return [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
 
 
-def verdict_path(m, mode, T) -> Path:
-    return model_dir(m) / "coreml" / f"{entry_name(mode, T)}.verify.json"
+def verdict_path(m, mode, T, part=None) -> Path:
+    return unit_dir(m, part) / "coreml" / f"{entry_name(mode, T)}.verify.json"
 
 
-def bundle_verdict_path(m) -> Path:
-    return model_dir(m) / f"{m.name}.verify.json"
+def bundle_verdict_path(m, part=None) -> Path:
+    return unit_dir(m, part) / f"{bundle_stem(m, part)}.verify.json"
 
 
 def verified(m) -> bool:
@@ -524,8 +639,8 @@ def verified(m) -> bool:
     return "exported_program" in m.formats
 
 
-def leaf(m, mode, T) -> str:
-    return f"{m.name}.{mode}.T{T}"
+def leaf(m, mode, T, part=None) -> str:
+    return f"{m.name}.{mode}.T{T}" + (f".{part.name}" if part is not None else "")
 
 
 def _kv(m, mode) -> str:
@@ -553,57 +668,74 @@ def _groups(step: str, verb: str, leaf_names: dict[int, list[str]]):
 
 
 def task_export_pytorch():
-    """Export a checkpoint at one (mode, T): TorchScript / ExportedProgram + contract."""
+    """Export a checkpoint at one (mode, T): TorchScript / ExportedProgram + contract; a parted model's part at one
+    (mode, T) from the part's tensors alone (export/parts.py)."""
     by_T: dict[int, list[str]] = {}
     for m in S.config.models:
         ck = checkpoint_path(m)
-        for mode, T in m.leaves():
-            files, contract = export_paths(m, mode, T)
-            kwargs = {"checkpoint": str(ck), "out_dir": str(contract.parent), "model": m.name, "mode": mode, "T": T,
-                      "formats": list(m.formats), "dtype": m.dtype, "kv_cache": _kv(m, mode),
-                      "architecture": m.architecture}  # checked against the checkpoint's: not a key of the bytes
-            key = {k: v for k, v in kwargs.items() if k not in ("checkpoint", "out_dir", "architecture")}
-            outs = [*files.values(), contract]
-            by_T.setdefault(T, []).append(leaf(m, mode, T))
-            yield _task("export_pytorch", leaf(m, mode, T), f"{m.name} {mode} T={T}: {', '.join(m.formats)} + contract",
-                        kwargs, key, outs, outs, file_dep=checkpoint_inputs(m), arch=m.architecture)
+        for part in units(m):
+            for mode, T in m.leaves():
+                files, contract = export_paths(m, mode, T, part)
+                kwargs = {"checkpoint": str(ck), "out_dir": str(contract.parent), "model": m.name, "mode": mode, "T": T,
+                          "formats": list(m.formats), "dtype": m.dtype, "kv_cache": _kv(m, mode),
+                          "architecture": m.architecture}  # checked against the checkpoint's: not a key of the bytes
+                if part is not None:
+                    kwargs["part"] = S.parts[m.name].kwargs(part)  # its key: the config and the part's tensors
+                key = {k: v for k, v in kwargs.items() if k not in ("checkpoint", "out_dir", "architecture")}
+                outs = [*files.values(), contract]
+                name = leaf(m, mode, T, part)
+                by_T.setdefault(T, []).append(name)
+                what = f" part {part.name}" if part is not None else ""
+                # a part depends on its tensors through its key, not on the checkpoint's files: editing one layer
+                # rebuilds the part holding it only
+                yield _task("export_pytorch", name, f"{m.name} {mode} T={T}{what}: {', '.join(m.formats)} + contract",
+                            kwargs, key, outs, outs, file_dep=checkpoint_inputs(m) if part is None else [],
+                            arch=m.architecture)
     yield from _groups("export_pytorch", "export", by_T)
 
 
 def task_convert_coreml():
-    """Convert one exported (mode, T) to a Core ML .mlpackage, checked against its contract."""
+    """Convert one exported (mode, T) (of a part) to a Core ML .mlpackage, checked against its contract."""
     by_T: dict[int, list[str]] = {}
     for m in S.config.models:
-        for mode, T in m.leaves():
-            files, contract = export_paths(m, mode, T)
-            pkg = package_path(m, mode, T)
-            kwargs = {"exported": str(files[m.convert_from]), "contract": str(contract), "out": str(pkg),
-                      "options": m.coreml.to_json()}
-            by_T.setdefault(T, []).append(leaf(m, mode, T))
-            yield _task("convert_coreml", leaf(m, mode, T), f"{m.name} {mode} T={T}: Core ML package ({m.coreml.compute_precision}, {m.coreml.minimum_deployment_target})",
-                        kwargs, {"options": m.coreml.to_json(), "from": m.convert_from}, [pkg, manifest_of(pkg)],
-                        [manifest_of(pkg)], file_dep=[files[m.convert_from], contract])
+        for part in units(m):
+            for mode, T in m.leaves():
+                files, contract = export_paths(m, mode, T, part)
+                pkg = package_path(m, mode, T, part)
+                kwargs = {"exported": str(files[m.convert_from]), "contract": str(contract), "out": str(pkg),
+                          "options": m.coreml.to_json(), **program_weights(m, m.convert_from),
+                          "device_limits": device_limits(m)}
+                name = leaf(m, mode, T, part)
+                by_T.setdefault(T, []).append(name)
+                yield _task("convert_coreml", name, f"{m.name} {mode} T={T}{_what(part)}: Core ML package ({m.coreml.compute_precision}, {m.coreml.minimum_deployment_target})",
+                            kwargs, {"options": m.coreml.to_json(), "from": m.convert_from, **_fail_key(m)}, [pkg, manifest_of(pkg)],
+                            [manifest_of(pkg)], file_dep=[files[m.convert_from], contract])
     yield from _groups("convert_coreml", "convert", by_T)
+
+
+def _what(part) -> str:
+    return f" part {part.name}" if part is not None else ""
 
 
 def task_compress_coreml():
     """Compress one converted float package by one recipe (export/recipes.py) and measure its quality."""
     for m in S.config.models:
         for recipe in m.recipes:
-            for mode, T in m.leaves():
-                files, contract = export_paths(m, mode, T)
-                pkg, out, quality = package_path(m, mode, T), compressed_path(m, mode, T, recipe.name), \
-                    quality_path(m, mode, T, recipe.name)
-                kwargs = {"package": str(pkg), "exported": str(files["exported_program"]) if "exported_program" in files
-                          else str(files[m.convert_from]), "contract": str(contract), "recipe": recipe.to_json(),
-                          "out": str(out), "quality": str(quality)}
-                task = _task("compress_coreml", f"{leaf(m, mode, T)}.{recipe.name}",
-                             f"{m.name} {mode} T={T}: compressed by recipe {recipe.name}, quality measured",
-                             kwargs, {"recipe": recipe.to_json()}, [out, manifest_of(out), quality],
-                             [manifest_of(out), quality],
-                             file_dep=[manifest_of(pkg), Path(kwargs["exported"]), contract])
-                task["actions"].append((_quality_values, [quality]))  # the figures reach last_build.json
-                yield task
+            for part in units(m):
+                for mode, T in m.leaves():
+                    _, contract = export_paths(m, mode, T, part)
+                    pkg, out, quality = package_path(m, mode, T, part), compressed_path(m, mode, T, recipe.name, part), \
+                        quality_path(m, mode, T, recipe.name, part)
+                    kwargs = {"package": str(pkg), "contract": str(contract), "recipe": recipe.to_json(), "out": str(out),
+                              "quality": str(quality),  # the quality runs both packages: no exported program needed
+                              "device_limits": device_limits(m)}
+                    task = _task("compress_coreml", f"{leaf(m, mode, T, part)}.{recipe.name}",
+                                 f"{m.name} {mode} T={T}{_what(part)}: compressed by recipe {recipe.name}, quality measured",
+                                 kwargs, {"recipe": recipe.to_json(), **_fail_key(m)}, [out, manifest_of(out), quality],
+                                 [manifest_of(out), quality],
+                                 file_dep=[manifest_of(pkg), contract])
+                    task["actions"].append((_quality_values, [quality]))  # the figures reach last_build.json
+                    yield task
 
 
 def _quality_values(path: Path) -> dict:
@@ -621,61 +753,94 @@ def task_verify_coreml():
     for m in S.config.models:
         if not verified(m):
             continue
-        for mode, T in m.leaves():
-            files, contract = export_paths(m, mode, T)
-            pkg, out = package_path(m, mode, T), verdict_path(m, mode, T)
-            kwargs = {"package": str(pkg), "exported": str(files["exported_program"]), "contract": str(contract),
-                      "out": str(out)}
-            by_T.setdefault(T, []).append(leaf(m, mode, T))
-            yield _task("verify_coreml", leaf(m, mode, T), f"{m.name} {mode} T={T}: the package's numbers against the program",
-                        kwargs, {}, [out], [out],  # the package's bytes (its manifest) cover its options
-                        file_dep=[manifest_of(pkg), files["exported_program"], contract])
-        bundle = model_dir(m) / f"{m.name}.mlpackage"
-        names = [entry_name(mode, T) for mode, T in m.leaves()]
-        kwargs = {"bundle": str(bundle), "out": str(bundle_verdict_path(m)),
-                  "leaves": {n: str(package_path(m, mode, T)) for n, (mode, T) in zip(names, m.leaves())},
-                  "contracts": {n: str(export_paths(m, mode, T)[1]) for n, (mode, T) in zip(names, m.leaves())}}
-        yield _task("verify_coreml", m.name, f"{m.name}: each function of the bundle against its leaf package",
-                    kwargs, {"functions": names}, [bundle_verdict_path(m)], [bundle_verdict_path(m)],
-                    file_dep=[manifest_of(bundle)] + [manifest_of(package_path(m, mode, T)) for mode, T in m.leaves()]
-                    + [export_paths(m, mode, T)[1] for mode, T in m.leaves()])
+        for part in units(m):
+            for mode, T in m.leaves():
+                files, contract = export_paths(m, mode, T, part)
+                pkg, out = package_path(m, mode, T, part), verdict_path(m, mode, T, part)
+                kwargs = {"package": str(pkg), "exported": str(files["exported_program"]), "contract": str(contract),
+                          "out": str(out), **program_weights(m, "exported_program")}
+                name = leaf(m, mode, T, part)
+                by_T.setdefault(T, []).append(name)
+                yield _task("verify_coreml", name, f"{m.name} {mode} T={T}{_what(part)}: the package's numbers against the program",
+                            kwargs, {}, [out], [out],  # the package's bytes (its manifest) cover its options
+                            file_dep=[manifest_of(pkg), files["exported_program"], contract])
+            bundle = bundle_path(m, part)
+            names = [entry_name(mode, T) for mode, T in m.leaves()]
+            kwargs = {"bundle": str(bundle), "out": str(bundle_verdict_path(m, part)),
+                      "leaves": {n: str(package_path(m, mode, T, part)) for n, (mode, T) in zip(names, m.leaves())},
+                      "contracts": {n: str(export_paths(m, mode, T, part)[1]) for n, (mode, T) in zip(names, m.leaves())}}
+            yield _task("verify_coreml", bundle_stem(m, part), f"{bundle_stem(m, part)}: each function of the bundle against its leaf package",
+                        kwargs, {"functions": names}, [bundle_verdict_path(m, part)], [bundle_verdict_path(m, part)],
+                        file_dep=[manifest_of(bundle)] + [manifest_of(package_path(m, mode, T, part)) for mode, T in m.leaves()]
+                        + [export_paths(m, mode, T, part)[1] for mode, T in m.leaves()])
     yield from _groups("verify_coreml", "verify", by_T)
 
 
 def task_bundle_coreml():
-    """Merge every (mode, T) package of a model into one multifunction <model>.mlpackage + contract.json."""
+    """Merge every (mode, T) package of a model (of each part of a parted model) into one multifunction
+    package + its contract; a parted model's contract.json describes the chain of its parts."""
     for m in S.config.models:
-        pkgs = [package_path(m, mode, T) for mode, T in m.leaves()]
-        contracts = [export_paths(m, mode, T)[1] for mode, T in m.leaves()]
-        out = model_dir(m) / f"{m.name}.mlpackage"
-        contract_out = model_dir(m) / "contract.json"
         shipped = tokenizer_files(m)
-        kwargs = {"packages": [str(p) for p in pkgs], "contracts": [str(c) for c in contracts], "out": str(out),
-                  "contract_out": str(contract_out)}
-        key = {"functions": [entry_name(mode, T) for mode, T in m.leaves()]}
-        extra = {}
-        if m.metadata:
-            extra["metadata"] = dict(m.metadata)
-        if shipped:
-            extra["files"] = [str(f) for f in shipped]
-            extra["files_out"] = str(model_dir(m))
-        kwargs.update(extra)
-        key.update({k: v for k, v in (("metadata", extra.get("metadata")),) if v})
-        verdicts = [verdict_path(m, mode, T) for mode, T in m.leaves()] if verified(m) else []
-        yield _task("bundle_coreml", m.name, f"{m.name}: one multifunction package of {len(pkgs)} functions",
-                    kwargs, key, [out, manifest_of(out), contract_out, *(model_dir(m) / f.name for f in shipped)],
-                    [manifest_of(out), contract_out, *(model_dir(m) / f.name for f in shipped)],
-                    file_dep=[manifest_of(p) for p in pkgs] + contracts + shipped + verdicts)  # a leaf that fails its verification stops its bundle
-        for recipe in m.recipes:  # one bundle per recipe, of its compressed packages
-            cpkgs = [compressed_path(m, mode, T, recipe.name) for mode, T in m.leaves()]
-            rout = recipe_bundle_path(m, recipe.name)
-            rcontract = model_dir(m) / f"{m.name}.{recipe.name}.contract.json"
-            rkwargs = {"packages": [str(p) for p in cpkgs], "contracts": [str(c) for c in contracts], "out": str(rout),
-                       "contract_out": str(rcontract), **({"metadata": dict(m.metadata)} if m.metadata else {})}
-            yield _task("bundle_coreml", f"{m.name}.{recipe.name}",
-                        f"{m.name}: one multifunction package of {len(cpkgs)} functions, recipe {recipe.name}",
-                        rkwargs, {**key, "recipe": recipe.name}, [rout, manifest_of(rout), rcontract],
-                        [manifest_of(rout), rcontract], file_dep=[manifest_of(p) for p in cpkgs] + contracts)
+        for part in units(m):
+            pkgs = [package_path(m, mode, T, part) for mode, T in m.leaves()]
+            contracts = [export_paths(m, mode, T, part)[1] for mode, T in m.leaves()]
+            out = bundle_path(m, part)
+            contract_out = unit_dir(m, part) / "contract.json"
+            ships = shipped if part is None else []  # a parted model ships them beside its chain contract
+            kwargs = {"packages": [str(p) for p in pkgs], "contracts": [str(c) for c in contracts], "out": str(out),
+                      "contract_out": str(contract_out), "device_limits": device_limits(m)}
+            key = {"functions": [entry_name(mode, T) for mode, T in m.leaves()], **_fail_key(m)}
+            extra = {}
+            if m.metadata:
+                extra["metadata"] = dict(m.metadata)
+            if ships:
+                extra["files"] = [str(f) for f in ships]
+                extra["files_out"] = str(model_dir(m))
+            kwargs.update(extra)
+            key.update({k: v for k, v in (("metadata", extra.get("metadata")),) if v})
+            verdicts = [verdict_path(m, mode, T, part) for mode, T in m.leaves()] if verified(m) else []
+            yield _task("bundle_coreml", bundle_stem(m, part),
+                        f"{bundle_stem(m, part)}: one multifunction package of {len(pkgs)} functions",
+                        kwargs, key, [out, manifest_of(out), contract_out, *(model_dir(m) / f.name for f in ships)],
+                        [manifest_of(out), contract_out, *(model_dir(m) / f.name for f in ships)],
+                        file_dep=[manifest_of(p) for p in pkgs] + contracts + ships + verdicts)  # a leaf that fails its verification stops its bundle
+            for recipe in m.recipes:  # one bundle per recipe, of its compressed packages
+                cpkgs = [compressed_path(m, mode, T, recipe.name, part) for mode, T in m.leaves()]
+                rout = recipe_bundle_path(m, recipe.name, part)
+                rcontract = recipe_contract_path(m, recipe.name, part)
+                rkwargs = {"packages": [str(p) for p in cpkgs], "contracts": [str(c) for c in contracts], "out": str(rout),
+                           "contract_out": str(rcontract), **({"metadata": dict(m.metadata)} if m.metadata else {}),
+                           "device_limits": device_limits(m)}
+                yield _task("bundle_coreml", f"{bundle_stem(m, part)}.{recipe.name}",
+                            f"{bundle_stem(m, part)}: one multifunction package of {len(cpkgs)} functions, recipe {recipe.name}",
+                            rkwargs, {**key, "recipe": recipe.name}, [rout, manifest_of(rout), rcontract],
+                            [manifest_of(rout), rcontract], file_dep=[manifest_of(p) for p in cpkgs] + contracts)
+        if m.parts is not None:
+            yield _chain_task(m, shipped)
+
+
+def chain_contract_path(m) -> Path:
+    return model_dir(m) / "contract.json"
+
+
+def _chain_task(m, shipped: list[Path]) -> dict:
+    """``bundle_coreml:<model>`` of a parted model: contract.json, the chain of its parts' bundles (and the
+    tokenizer files of a transformers model beside it)."""
+    parts = units(m)
+    out = chain_contract_path(m)
+    kwargs = {"chain": [{"contract": str(unit_dir(m, p) / "contract.json"),
+                         "bundle": bundle_path(m, p).relative_to(model_dir(m)).as_posix(),
+                         "contract_name": (unit_dir(m, p) / "contract.json").relative_to(model_dir(m)).as_posix()}
+                        for p in parts],
+              "contract_out": str(out), "model": m.name, "architecture": m.architecture}
+    if shipped:
+        kwargs["files"], kwargs["files_out"] = [str(f) for f in shipped], str(model_dir(m))
+    key = {"chain": [p.name for p in parts]}
+    outs = [out, *(model_dir(m) / f.name for f in shipped)]
+    return _task("bundle_coreml", m.name, f"{m.name}: contract.json, the chain of its {len(parts)} parts",
+                 kwargs, key, outs, outs,
+                 file_dep=[unit_dir(m, p) / "contract.json" for p in parts]
+                 + [manifest_of(bundle_path(m, p)) for p in parts] + shipped)
 
 
 def onnx_path(m, mode, T) -> Path:
@@ -683,8 +848,11 @@ def onnx_path(m, mode, T) -> Path:
 
 
 def task_export_onnx():
-    """The ONNX debug path: export one (mode, T) to ONNX, checked with onnxruntime (not in the default build)."""
+    """The ONNX debug path: export one (mode, T) to ONNX, checked with onnxruntime (not in the default build;
+    not for parted models)."""
     for m in S.config.models:
+        if m.parts is not None:
+            continue
         ck = checkpoint_path(m)
         for mode, T in m.leaves():
             out = onnx_path(m, mode, T)
@@ -699,26 +867,31 @@ def _expected_outputs() -> set[Path]:
     for m in S.config.models:
         if m.is_demo:
             out.add(checkpoint_path(m))
-        for mode, T in m.leaves():
-            files, contract = export_paths(m, mode, T)
-            pkg = package_path(m, mode, T)
-            out.update([*files.values(), contract, pkg, manifest_of(pkg), onnx_path(m, mode, T), verdict_path(m, mode, T)])
+        for part in units(m):
+            for mode, T in m.leaves():
+                files, contract = export_paths(m, mode, T, part)
+                pkg = package_path(m, mode, T, part)
+                out.update([*files.values(), contract, pkg, manifest_of(pkg), verdict_path(m, mode, T, part)])
+                if part is None:
+                    out.add(onnx_path(m, mode, T))
+                for recipe in m.recipes:
+                    cpkg = compressed_path(m, mode, T, recipe.name, part)
+                    out.update([cpkg, manifest_of(cpkg), quality_path(m, mode, T, recipe.name, part)])
+            bundle = bundle_path(m, part)
+            out.update([bundle, manifest_of(bundle), unit_dir(m, part) / "contract.json", bundle_verdict_path(m, part)])
             for recipe in m.recipes:
-                cpkg = compressed_path(m, mode, T, recipe.name)
-                out.update([cpkg, manifest_of(cpkg), quality_path(m, mode, T, recipe.name)])
-        bundle = model_dir(m) / f"{m.name}.mlpackage"
-        out.update([bundle, manifest_of(bundle), model_dir(m) / "contract.json", bundle_verdict_path(m)])
+                rb = recipe_bundle_path(m, recipe.name, part)
+                out.update([rb, manifest_of(rb), recipe_contract_path(m, recipe.name, part)])
         out.update(model_dir(m) / f.name for f in tokenizer_files(m))
-        for recipe in m.recipes:
-            rb = recipe_bundle_path(m, recipe.name)
-            out.update([rb, manifest_of(rb), model_dir(m) / f"{m.name}.{recipe.name}.contract.json"])
+        if m.parts is not None:
+            out.add(chain_contract_path(m))
     return out
 
 
 # Temporaries of atomic writes (export/atomic.py: .<name>.*.tmp), of cache restores (export/cache/store.py: .restore,
-# .old) and of the bundle's merge (export/coreml/bundle.py: .merge), beside the output they stand for.
+# .old), of an output replaced by a hardlink to its cache blob (export/cache/store.py: .link) and of the bundle's merge (export/coreml/bundle.py: .merge), beside the output they stand for.
 # A full build runs prune_artifacts after every step it runs, under the project lock: none is being written.
-LEFTOVER_SUFFIXES = (".tmp", ".restore", ".old", ".merge")
+LEFTOVER_SUFFIXES = (".tmp", ".restore", ".old", ".merge", ".link")
 COMPACT_BYTES = 1 << 20  # the record of written outputs is compacted past this size
 
 

@@ -1,6 +1,7 @@
 """The checkpoint a worker process loaded last, kept for its next steps (as long as the worker lives)."""
 from __future__ import annotations
 
+import json
 import os
 
 _checkpoints: dict = {}  # (path, stats) -> (Loaded, model): a checkpoint is loaded once per worker
@@ -18,3 +19,23 @@ def load(path: str):
         ck = load(path)
         _checkpoints[key] = (ck, ck.model())
     return _checkpoints[key]
+
+
+_parts: dict = {}  # (path, stats, part) -> (architecture, config, module): the part loaded last, for its next leaves
+
+
+def load_part(path: str, part: dict):
+    """(architecture, config, module) of one part of ``path`` (export/checkpoint.py ``load_part``): only the
+    part's tensors are read. The worker keeps the last part it loaded (the next leaves are often its other
+    (mode, T)) and drops it, and any whole checkpoint it kept, before loading another."""
+    from ..checkpoint import load_part
+    from ..checkpoint_files import input_files
+
+    stats = [os.stat(f) for f in input_files(path)]
+    key = (os.path.abspath(path), *((st.st_ino, st.st_size, st.st_mtime_ns) for st in stats),
+           json.dumps(part, sort_keys=True))
+    if key not in _parts:
+        _parts.clear()
+        _checkpoints.clear()
+        _parts[key] = load_part(path, part)
+    return _parts[key]

@@ -15,17 +15,27 @@ fails the step with its log, the worker lives on), publishes the outputs under
 the step's action key, and returns their digests and the log. The planner
 restores the outputs from the cache and checks every digest. A Dask worker that
 dies while it runs a step is replaced by the scheduler and the step runs again
-elsewhere (Dask's ``allowed-failures``); after that it is reported.
+elsewhere (Dask's ``allowed-failures``); after that it is reported. The build's
+output says both, one line each (``Watch``): the worker lost with the step, and
+the step starting again on another worker. Workers are named by their ``--name``
+(``dask worker --name``), in the output and in ``last_build.json``.
+
+A worker's scratch folder (``model-export-step-<task>-*`` in its TMPDIR) is
+locked (``flock``) while its step runs; a SIGKILLed worker cannot remove its
+own, so every step first removes the unlocked ones it finds (``sweep_scratch``).
 
 Nothing here imports torch or coremltools; ``distributed`` is imported only when
 a scheduler is configured.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
+import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -37,6 +47,9 @@ RESOURCE = "MEMORY_MB"
 ROOT = "@root/"  # a project path in a request: relative to the planner's root, rebased by the worker
 LOG_LIMIT = 256 * 1024  # the tail of a step's log a worker sends back
 CONNECT_TIMEOUT = "30s"
+EVENTS = "model-export"  # the Dask event topic a worker announces each step's start on
+SCRATCH_PREFIX = "model-export-step-"
+SCRATCH_MARK = ".model-export-scratch"  # in every scratch folder: the sweep removes no folder without it
 
 
 # --- the planner side ------------------------------------------------------------------------
@@ -81,8 +94,68 @@ def client(address: str):
 
 def capacity(c) -> dict[str, float | None]:
     """Each worker's ``MEMORY_MB`` resource (None: the worker declares none)."""
-    workers = c.scheduler_info(n_workers=-1)["workers"]
-    return {addr: (w.get("resources") or {}).get(RESOURCE) for addr, w in workers.items()}
+    return {addr: (w.get("resources") or {}).get(RESOURCE) for addr, w in _workers(c).items()}
+
+
+def _workers(c) -> dict[str, dict]:
+    return c.scheduler_info(n_workers=-1)["workers"]
+
+
+class Watch:
+    """What the cluster does with one submitted step, said as it happens (one line each): a worker lost while
+    it held the step (the scheduler's ``remove-worker`` event), and the step starting again on another worker
+    (a second start announced by ``execute`` on the ``EVENTS`` topic)."""
+
+    def __init__(self, task: str, key: str, names: dict[str, str], say=None):
+        self.task, self.key, self.names = task, key, dict(names)
+        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.started: list[str] = []  # the worker (name) of each start, in order
+        self.lost: list[str] = []
+        self._lock = threading.Lock()
+
+    def on_start(self, msg: dict) -> None:
+        with self._lock:
+            self.names[msg.get("address", "")] = str(msg.get("name"))
+            self.started.append(str(msg.get("name")))
+            if self.lost:  # (a worker lost before the step started on it held it all the same)
+                self.say(f"dask: {self.task} runs again on worker {self.started[-1]} "
+                         f"(attempt {len(self.lost) + 1}, after {len(self.lost)} lost worker"
+                         f"{'s' if len(self.lost) != 1 else ''})")
+
+    def on_lost(self, address: str) -> None:
+        with self._lock:
+            name = self.names.get(address, address)
+            self.lost.append(name)
+            self.say(f"dask: worker {name} was lost while it held {self.task}; the scheduler runs the step again "
+                     "on another worker")
+
+
+_watches: dict[str, Watch] = {}
+_subscribed: set[int] = set()
+
+
+def _on_start(event) -> None:
+    _, msg = event
+    w = _watches.get(str(msg.get("key"))) if isinstance(msg, dict) else None
+    if w is not None:
+        w.on_start(msg)
+
+
+def _on_cluster(event) -> None:
+    _, msg = event
+    if not isinstance(msg, dict) or msg.get("action") != "remove-worker":
+        return
+    for key in msg.get("processing-tasks") or ():
+        w = _watches.get(str(key))
+        if w is not None:
+            w.on_lost(str(msg.get("worker")))
+
+
+def _subscribe(c) -> None:
+    if id(c) not in _subscribed:
+        c.subscribe_topic(EVENTS, _on_start)
+        c.subscribe_topic("all", _on_cluster)
+        _subscribed.add(id(c))
 
 
 def check_capacity(address: str, caps: dict[str, float | None], need_mb: int, task: str) -> None:
@@ -119,17 +192,26 @@ def submit_and_wait(address: str, request: dict, need_mb: int, task: str) -> dic
     from distributed import KilledWorker
 
     c = client(address)
-    check_capacity(address, capacity(c), need_mb, task)
+    workers = _workers(c)
+    check_capacity(address, {a: (w.get("resources") or {}).get(RESOURCE) for a, w in workers.items()}, need_mb, task)
     key = f"{task}-{uuid.uuid4().hex[:8]}"
-    future = c.submit(execute, request, key=key, pure=False, resources={RESOURCE: need_mb})
+    watch = _watches[key] = Watch(task, key, {a: str(w.get("name", a)) for a, w in workers.items()})
+    _subscribe(c)
+    future = c.submit(execute, {**request, "dask_key": key}, key=key, pure=False, resources={RESOURCE: need_mb})
     try:
-        return future.result()
+        result = future.result()
     except KilledWorker as e:
-        raise ExportError(f"{task}: the Dask workers running it died ({e}); see the workers' logs",
+        lost = f" (lost: {', '.join(watch.lost)})" if watch.lost else ""
+        raise ExportError(f"{task}: the Dask workers running it died{lost} ({e}); see the workers' logs",
                           field="tool.export.dask") from None
     except Exception as e:  # anything else from the cluster: one line, the step fails
         raise ExportError(f"{task}: the Dask cluster failed the step: {type(e).__name__}: {e}",
                           field="tool.export.dask") from None
+    finally:
+        _watches.pop(key, None)
+    if watch.lost:
+        result["lost_workers"] = list(watch.lost)
+    return result
 
 
 # --- the worker side -------------------------------------------------------------------------
@@ -146,12 +228,68 @@ def _from_request_paths(value, scratch: str):
 
 
 def _worker_name() -> str:
+    """The worker's ``--name`` (``dask worker --name``; a LocalCluster numbers its workers), else the host."""
     try:
         from distributed import get_worker
 
-        return get_worker().address
+        return str(get_worker().name)
     except Exception:
         return socket.gethostname()
+
+
+def _announce(request: dict) -> None:
+    """Tell the planner this step starts here (its ``Watch`` counts the starts: a second one is a retry)."""
+    try:
+        from distributed import get_worker
+
+        w = get_worker()
+        w.log_event(EVENTS, {"key": request.get("dask_key"), "task": request["task"], "name": str(w.name),
+                             "address": w.address})  # (the scheduler sets "worker" to the address)
+    except Exception:  # not on a Dask worker (a test calls execute directly): nobody to tell
+        pass
+
+
+def make_scratch(task: str) -> tuple[str, int]:
+    """A scratch folder for one step, and the descriptor that holds its lock while the step runs (close it after
+    removing the folder). Made under another name and renamed once locked, so that no sweep sees it unlocked."""
+    staging = tempfile.mkdtemp(prefix=".model-export-new-")
+    fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    with open(os.path.join(staging, SCRATCH_MARK), "w") as f:
+        f.write(f"{os.getpid()}\n")
+    final = os.path.join(os.path.dirname(staging), f"{SCRATCH_PREFIX}{task.replace(':', '__')}-{uuid.uuid4().hex[:8]}")
+    os.rename(staging, final)  # the lock belongs to the folder, not to its name
+    return final, fd
+
+
+def sweep_scratch(base: str | None = None) -> list[str]:
+    """Remove the scratch folders under ``base`` (the TMPDIR) whose step is no longer running: the worker that
+    made one was killed before it could remove it (nothing else releases its lock). Returns the removed paths."""
+    base = base or tempfile.gettempdir()
+    removed = []
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(SCRATCH_PREFIX) or not entry.is_dir(follow_symlinks=False):
+            continue
+        if not os.path.isfile(os.path.join(entry.path, SCRATCH_MARK)):
+            continue  # not one of ours
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its step is running
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _tail(path: Path) -> str:
@@ -184,9 +322,11 @@ def execute(request: dict) -> dict:
     from . import worker as step_worker
     from ..cache.store import Cache, StepOutputsMissing, finish_step
 
+    _announce(request)
     warnings: list[str] = []
     cache = Cache(settings.local_cache(), request["remote"], log=warnings.append)
-    scratch = tempfile.mkdtemp(prefix=f"model-export-step-{request['task'].replace(':', '__')}-")
+    sweep_scratch()  # a killed worker's leftovers
+    scratch, lock = make_scratch(request["task"])
     root, task = request["root"], request["task"]
     log = Path(scratch) / ".step.log"
 
@@ -231,4 +371,5 @@ def execute(request: dict) -> dict:
                 "worker": _worker_name(), "log": planner_paths(_tail(log)), "warnings": warnings}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        os.close(lock)
 

@@ -36,7 +36,8 @@ def _give_back() -> None:
 
 
 def _run(out: str, package: str | None = None, exported: str | None = None, contract: str | None = None,
-         bundle: str | None = None, leaves: dict | None = None, contracts: dict | None = None) -> None:
+         bundle: str | None = None, leaves: dict | None = None, contracts: dict | None = None,
+         weights: str | None = None) -> None:
     from ...coreml.verify import Disagreement, verify, verify_bundle
 
     if bundle is not None:
@@ -48,7 +49,7 @@ def _run(out: str, package: str | None = None, exported: str | None = None, cont
             if bad:
                 raise Disagreement(f"function {fn} does not reproduce its leaf package: {bad}", file=bundle, field="verify")
     else:
-        v = verify(Path(package), Path(exported), Path(contract))
+        v = verify(Path(package), Path(exported), Path(contract), weights=weights)
         bad = v.failure()
         if bad:
             raise Disagreement(f"function {v.function}: {bad}", file=package, field="verify")
