@@ -136,7 +136,7 @@ def test_every_module_a_real_step_loads_is_in_its_key(tmp_path):
             "formats": ["exported_program"], "dtype": "fp32", "architecture": "student"}),
         ("convert_coreml", None): ("convert_coreml", {
             "exported": str(out / "prefill_T16.pt2"), "contract": str(out / "prefill_T16.contract.json"),
-            "out": str(pkg), "options": {"compute_precision": "fp32"}}),
+            "out": str(pkg), "options": {"compute_precision": "fp32"}, "weights": str(ck)}),
         ("compress_coreml", None): ("compress_coreml", {
             "package": str(pkg),
             "contract": str(out / "prefill_T16.contract.json"), "out": str(tmp_path / "prefill_T16.int8.mlpackage"),
@@ -145,7 +145,8 @@ def test_every_module_a_real_step_loads_is_in_its_key(tmp_path):
                                                  for p in ("default", "embeddings", "attention", "ffn", "lm_head")}}}),
         ("verify_coreml", None): ("verify_coreml", {
             "package": str(pkg), "exported": str(out / "prefill_T16.pt2"),
-            "contract": str(out / "prefill_T16.contract.json"), "out": str(tmp_path / "prefill_T16.verify.json")}),
+            "contract": str(out / "prefill_T16.contract.json"), "out": str(tmp_path / "prefill_T16.verify.json"),
+            "weights": str(ck)}),
         ("bundle_coreml", None): ("bundle_coreml", {
             "packages": [str(pkg)], "contracts": [str(out / "prefill_T16.contract.json")],
             "out": str(tmp_path / "student.mlpackage"), "contract_out": str(tmp_path / "contract.json")}),
