@@ -338,8 +338,13 @@ def doit_commands(checkout: Path) -> str:
     return m.group(0) if m else ""
 
 
-def make_project(root: Path, checkout: Path, model: str, folder: Path, shapes: dict, extra: list[str]) -> None:
-    root.mkdir(parents=True)
+def make_project(root: Path, checkout: Path, model: str, folder: Path, shapes: dict, extra: list[str],
+                 reuse: bool = False) -> None:
+    """A new project at ``root``; ``reuse``: a kept one (``--keep``) whose code is replaced by the checkout's, its
+    artifacts, cache and doit records kept (only the steps whose key the new code changes run again)."""
+    root.mkdir(parents=True, exist_ok=reuse)
+    if reuse:
+        shutil.rmtree(root / "export", ignore_errors=True)
     shutil.copy(checkout / "dodo.py", root / "dodo.py")
     shutil.copytree(checkout / "export", root / "export", ignore=shutil.ignore_patterns("__pycache__"))
     if model == DEMO:  # the checkout's own demo config: its pyproject.toml and shape sets as they are
@@ -369,10 +374,10 @@ def build_record(root: Path) -> dict:
 
 
 def run_build(checkout: Path, model: str, folder: Path | None, shapes: dict, extra: list[str], jobs: int,
-              targets: list[str], work: Path, keep: bool, tag: str | None = None) -> dict:
+              targets: list[str], work: Path, keep: bool, tag: str | None = None, reuse: Path | None = None) -> dict:
     label = tag or checkout.name
-    root = work / f"project-{label}"
-    make_project(root, checkout, model, folder, shapes, extra)
+    root = reuse or work / f"project-{label}"
+    make_project(root, checkout, model, folder, shapes, extra, reuse=reuse is not None)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_EXPORT_")}
     env.update(MODEL_EXPORT_CACHE=str(root / ".cache"), PYTHONPATH=str(root) + os.pathsep + env.get("PYTHONPATH", ""))
     py = python_of(checkout)
@@ -397,7 +402,7 @@ def run_build(checkout: Path, model: str, folder: Path | None, shapes: dict, ext
         "packages": packages(art), "exported_programs": exported(art),
         "summary": (log.read_text().strip().splitlines() or [""])[-1],
     }
-    if not keep:
+    if not keep and reuse is None:
         shutil.rmtree(root, ignore_errors=True)
     for e in res["errors"]:
         print(f"[{label}] {e}", flush=True)
@@ -449,6 +454,9 @@ def main(argv=None) -> None:
     ap.add_argument("--check", action="store_true", help="(write) check the folder: index, shards, one tensor")
     ap.add_argument("--clean", action="store_true", help="delete the cached model folder when done")
     ap.add_argument("--keep", action="store_true", help="keep the build projects (their path is printed)")
+    ap.add_argument("--reuse", type=Path, metavar="PROJECT",
+                    help="build in this kept project (--keep) with the checkout's code: its artifacts and cache stay, "
+                         "only the steps the new code changes run (e.g. verify_coreml after a change of the interpreter)")
     args = ap.parse_args(argv)
 
     if args.model == DEMO:
@@ -488,7 +496,7 @@ def main(argv=None) -> None:
         for i, co in enumerate(checkouts):
             label = "reference" if args.compare and i == 0 else "checkout"
             runs[label] = run_build(co, args.model, folder, shapes, args.config_line, args.jobs, args.targets, work,
-                                    args.keep, tag=f"{i}-{co.name}")
+                                    args.keep, tag=f"{i}-{co.name}", reuse=args.reuse.resolve() if args.reuse else None)
         data = {"model": {"name": args.model, **SPECS.get(args.model, {}), **model}, "leaves": shapes, "jobs": args.jobs,
                 "targets": args.targets, "runs": runs}
         if args.compare:

@@ -24,11 +24,13 @@ class Step:
     need_factor: float
     outputs: tuple[str, ...]         # the roles of its outputs (the planner places them)
     need_largest_factor: float | None = None  # the largest input's own factor (None: need_factor)
+    need_per_output_value: float = 0.0   # bytes per value of the outputs of one (mode, T) (a T x vocabulary logits)
+    need_per_score: float = 0.0          # bytes per attention score of one head's queries x keys (T x T in prefill)
 
     def tools_for(self, arch: str | None) -> tuple[str, ...]:
         return self.tools + (ARCHITECTURE_TOOLS.get(arch, ()) if self.runs_model_code and arch else ())
 
-    def need_mb(self, input_bytes: int, largest_bytes: int | None = None) -> int:
+    def need_mb(self, input_bytes: int, largest_bytes: int | None = None, shapes: dict | None = None) -> int:
         """Memory to reserve before running: the peak of the worker process while the step runs (what it
         still holds from earlier steps, the checkpoint it loaded, included).
 
@@ -37,11 +39,39 @@ class Step:
         so that the tiny demo's steps reserve about what they take. A bundle's peak grows with the
         largest package it merges (the program of one function, the worker's loaded checkpoint beside
         it) much more than with the others (their weights are the same bytes, stored once):
-        ``need_largest_factor`` weighs the largest input and ``need_factor`` the rest."""
+        ``need_largest_factor`` weighs the largest input and ``need_factor`` the rest.
+
+        ``shapes`` (``contract_shapes``: the largest (mode, T) the step runs) adds what grows with T rather
+        than with the weights: ``need_per_output_value`` bytes per output value (verification holds the
+        package's, the program's and the fp16-rounded program's logits) and ``need_per_score`` bytes per
+        query x key pair (a prefill's T x T attention scores, per head, in both runtimes)."""
         largest = min(largest_bytes or 0, input_bytes) if self.need_largest_factor is not None else 0
         rest = input_bytes - largest
+        shapes = shapes or {}
         return int(self.need_base_mb + self.need_factor * rest / 2**20
-                   + (self.need_largest_factor or 0) * largest / 2**20)
+                   + (self.need_largest_factor or 0) * largest / 2**20
+                   + (self.need_per_output_value * shapes.get("output_values", 0)
+                      + self.need_per_score * shapes.get("scores", 0)) / 2**20)
+
+
+def contract_shapes(contracts: list[dict]) -> dict:
+    """What grows with T in a step that runs these (mode, T) contracts one after the other: the largest
+    ``output_values`` (values of its outputs and states) and ``scores`` (query positions x key positions:
+    T x T for a prefill, 1 x T for a decode step) among them."""
+    out = {"output_values": 0, "scores": 0}
+    for c in contracts:
+        values = sum(_numel(t.get("shape", ())) for t in [*c.get("outputs", ()), *(c.get("states") or ())])
+        queries = next((int(t["shape"][-1]) for t in c.get("inputs", ()) if t.get("name") == "input_ids" and t.get("shape")), 1)
+        out["output_values"] = max(out["output_values"], values)
+        out["scores"] = max(out["scores"], queries * int(c.get("T") or 0))
+    return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 STEPS: dict[str, Step] = {s.name: s for s in (
@@ -52,8 +82,8 @@ STEPS: dict[str, Step] = {s.name: s for s in (
          ("package", "manifest")),
     Step("compress_coreml", "export.runner.steps.compress_coreml", ("torch", "coremltools", "numpy"), False, 500, 4,
          ("package", "manifest", "quality")),
-    Step("verify_coreml", "export.runner.steps.verify_coreml", ("torch", "coremltools", "numpy"), False, 500, 4,
-         ("verdict",)),
+    Step("verify_coreml", "export.runner.steps.verify_coreml", ("torch", "coremltools", "numpy"), False, 500, 2.4,
+         ("verdict",), need_per_output_value=10.5, need_per_score=48),
     Step("bundle_coreml", "export.runner.steps.bundle_coreml", ("torch", "coremltools", "numpy"), False, 400, 1.5,
          ("package", "manifest", "contract"), need_largest_factor=3.5),
     Step("export_onnx", "export.runner.steps.export_onnx", ("torch", "onnx", "onnxscript", "onnxruntime", "numpy"), True, 400, 4,

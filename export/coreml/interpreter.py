@@ -21,13 +21,17 @@ matmul, linear, softmax, reductions and norms accumulate in fp32 and round once
 (a device may accumulate in fp16, see README "Numerical verification").
 
 Constants (``const`` and the ``constexpr_*`` decompressions) are materialized
-once per package load, and so are the transposed fp32 weights of ``linear``.
+once per package load; weights stored in ``weight.bin`` are read-only views of
+the file (a memory map), never copied. ``linear`` widens an fp16 weight to fp32
+one slice at a time (``LINEAR_CHUNK``), and every value is freed after the
+last op that reads it, so a run holds the live values and one op's temporaries.
 An op it does not know is an error naming the op and the function, never a skip.
 This module imports no torch (coremltools itself may, when it is installed).
 """
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -86,28 +90,64 @@ def _shape(value_type) -> tuple | None:
 # --------------------------------------------------------------------------- values
 
 class _Weights:
-    """One ``_BlobStorageReader`` per weight file of a package."""
+    """The weight files of a package, read as read-only memory maps: a weight is a view of the file's bytes,
+    never a copy (a 0.5B model's 1 GB of fp16 weights costs no anonymous memory). Sub-byte types, and a blob
+    whose header this reader does not recognise, go through coremltools' ``_BlobStorageReader``.
+
+    The layout (coremltools' mil/storage: a 64-byte file header, then per blob a 64-byte header of
+    sentinel 0xDEADBEEF, data type, size in bytes and data offset, each uint32/uint32/uint64/uint64
+    little-endian) is checked blob by blob: a bad sentinel, type, size or offset is an error naming the file."""
+
+    _SENTINEL = 0xDEADBEEF
+    # coremltools' BlobDataType codes of the types read by mapping
+    _MAPPED = {"FLOAT16": 1, "FLOAT32": 2, "UINT8": 3, "INT8": 4, "INT16": 6, "UINT16": 7, "INT32": 14, "UINT32": 15}
 
     def __init__(self, model_dir: Path):
         self.model_dir = model_dir
         self.readers: dict[str, object] = {}
+        self.maps: dict[str, np.ndarray] = {}
 
     def read(self, blob, dtype: str, shape: tuple, where: str) -> np.ndarray:
-        from coremltools.libmilstoragepython import _BlobStorageReader
-
         rel = blob.fileName.replace("@model_path/", "", 1)
         path = self.model_dir / rel
         if dtype not in _BLOB_READ:
             raise InterpreterError(f"weights of dtype {dtype} cannot be read", file=path, field=where)
+        if not path.is_file():
+            raise InterpreterError("the weight file is missing", file=path, field=where)
+        if dtype in self._MAPPED:
+            data = self._mapped(rel, path, int(blob.offset), dtype)
+            if data is not None:
+                if int(np.prod(shape)) != data.size:
+                    raise InterpreterError(f"{data.size} values at offset {blob.offset}, the type says {shape}",
+                                           file=path, field=where)
+                return data.reshape(shape)
+        return self._read(rel, path, blob, dtype, shape, where)
+
+    def _mapped(self, rel: str, path: Path, offset: int, dtype: str) -> np.ndarray | None:
+        """The blob at ``offset`` as a read-only view of the file, or None when its header is not one this reads."""
+        m = self.maps.get(rel)
+        if m is None:
+            try:
+                m = self.maps[rel] = np.memmap(path, np.uint8, mode="r").view(np.ndarray)
+            except (OSError, ValueError):
+                return None
+        if offset < 0 or offset + 32 > m.size:
+            return None
+        sentinel, code = (int(v) for v in m[offset:offset + 8].view("<u4"))
+        size, data_offset = (int(v) for v in m[offset + 8:offset + 24].view("<u8"))
+        item = np.dtype(_NP[dtype]).itemsize
+        if sys.byteorder != "little" or sentinel != self._SENTINEL or code != self._MAPPED[dtype] or size % item or data_offset + size > m.size:
+            return None
+        return m[data_offset:data_offset + size].view(_NP[dtype])  # little-endian, as the file
+
+    def _read(self, rel: str, path: Path, blob, dtype: str, shape: tuple, where: str) -> np.ndarray:
+        from coremltools.libmilstoragepython import _BlobStorageReader
+
         try:
             reader = self.readers.get(rel)
             if reader is None:
-                if not path.is_file():
-                    raise InterpreterError("the weight file is missing", file=path, field=where)
                 reader = self.readers[rel] = _BlobStorageReader(str(path))
             data = getattr(reader, _BLOB_READ[dtype])(int(blob.offset))
-        except InterpreterError:
-            raise
         except Exception as e:  # the reader raises RuntimeError/ValueError for a damaged file
             raise InterpreterError(f"cannot read weights at offset {blob.offset}: {e}", file=path, field=where) from None
         data = np.asarray(data)
@@ -182,10 +222,12 @@ def _erf(x):
 
 
 def _softmax(x, axis):
+    """In one new array (besides fp16's widened copy): T x T attention scores are the largest values of a prefill."""
     x = _f32(x)
-    m = np.max(x, axis=axis, keepdims=True)
-    e = np.exp(x - m)
-    return e / np.sum(e, axis=axis, keepdims=True)
+    e = x - np.max(x, axis=axis, keepdims=True)
+    np.exp(e, out=e)
+    e /= np.sum(e, axis=axis, keepdims=True)
+    return e
 
 
 def _reduce(fn):
@@ -332,11 +374,34 @@ def _gelu(x, mode=None):
 
 def _sdpa(query, key, value, attn_mask=None):
     q, k, v = _f32(query), _f32(key), _f32(value)
-    scores = np.matmul(q, np.swapaxes(k, -1, -2)) / math.sqrt(q.shape[-1])
+    scores = np.matmul(q, np.swapaxes(k, -1, -2))
+    scores /= math.sqrt(q.shape[-1])  # in place: the scores are the op's largest array
     if attn_mask is not None:
         m = np.asarray(attn_mask)
-        scores = np.where(m, scores, -np.inf) if m.dtype == np.bool_ else scores + _f32(m)
+        if np.broadcast_shapes(scores.shape, m.shape) != scores.shape:
+            scores = np.where(m, scores, -np.inf) if m.dtype == np.bool_ else scores + _f32(m)
+        elif m.dtype == np.bool_:
+            np.copyto(scores, -np.inf, where=~m)
+        else:
+            scores += _f32(m)
     return np.matmul(_softmax(scores, -1), v)
+
+
+LINEAR_CHUNK = 1 << 24  # fp32 values of one slice of a linear weight (64 MB): the most one linear op adds
+
+
+def _linear(x, weight, bias=None):
+    """``x @ weight.T + bias``, the weight taken LINEAR_CHUNK values of output rows at a time: an fp16 weight (a
+    view of the weight file) is widened to fp32 one slice at a time, so a 150k x 896 output layer costs its
+    output and 64 MB, not a 545 MB fp32 copy of the weight. Each output element is the same dot product."""
+    x, w = _f32(x), np.asarray(weight)
+    out = np.empty(x.shape[:-1] + (w.shape[0],), np.result_type(x.dtype, _f32(w[:0]).dtype))
+    rows = max(1, LINEAR_CHUNK // max(1, w.shape[1]))
+    for r in range(0, w.shape[0], rows):
+        np.matmul(x, _f32(w[r:r + rows]).T, out=out[..., r:r + rows])
+    if bias is not None:
+        out += _f32(bias)
+    return out
 
 
 def _cast(x, dtype):
@@ -548,7 +613,6 @@ class Package:
         self.weights = _Weights(model.parent)
         self.default_function = self.spec.description.defaultFunctionName or "main"
         self._fns: dict[str, Function] = {}
-        self._weight_t: dict[int, np.ndarray] = {}
         for name in self.spec.mlProgram.functions:
             self._fns[name] = self._compile(name, self.spec.mlProgram.functions[name])
 
@@ -604,7 +668,7 @@ class Package:
                     kwargs = {**attrs, **{p: self._const_arg(a, consts, where) for p, a in args.items()}}
                     value = OPS[op.type][0](**kwargs)
                 name, dtype, _ = outs[0]
-                consts[name] = value.astype(dtype) if dtype is not None and isinstance(value, np.ndarray) else value
+                consts[name] = value.astype(dtype, copy=False) if dtype is not None and isinstance(value, np.ndarray) else value
                 continue
             fn_ = OPS[op.type][0] if op.type in OPS else None
             steps.append(_Step(op.type, self._op_name(op), fn_, args, outs))
@@ -614,11 +678,6 @@ class Package:
                 for kind, x in (a[1] if a[0] == "list" else [a]):
                     if kind == "ref":
                         f.last_use[x] = i
-        for s in f.steps:  # pre-transpose every constant linear weight once
-            if s.op_type == "linear" and s.args["weight"][0] == "ref" and s.args["weight"][1] in consts:
-                w = consts[s.args["weight"][1]]
-                if id(w) not in self._weight_t:
-                    self._weight_t[id(w)] = np.ascontiguousarray(_f32(w).T)
         return f
 
     @staticmethod
@@ -705,13 +764,7 @@ class Package:
 
         kw = {p: val(a) for p, a in s.args.items()}
         if s.op_type == "linear":
-            w = kw["weight"]
-            wt = self._weight_t.get(id(w))
-            x = _f32(kw["x"])
-            out = x @ (wt if wt is not None else _f32(w).T)
-            if kw.get("bias") is not None:
-                out = out + _f32(kw["bias"])
-            return [out]
+            return [_linear(kw["x"], kw["weight"], kw.get("bias"))]
         if s.op_type == "read_state":
             return [state[kw["input"]].copy()]
         if s.op_type == "write_state":

@@ -76,16 +76,30 @@ def _sig(x: float, digits: int = 2):
     return float(f"{x:.{digits - 1}e}") if np.isfinite(x) else str(x)
 
 
+COMPARE_CHUNK = 1 << 22  # values compared at a time (in float64): a T x vocabulary output is never copied whole
+
+
+def _max_abs(a, b=None) -> float:
+    """``max |a - b|`` (``max |a|`` without ``b``) in float64, COMPARE_CHUNK values at a time; nan if any is nan."""
+    a = np.asarray(a).reshape(-1)
+    b = None if b is None else np.asarray(b).reshape(-1)
+    out = np.float64(0.0)
+    for i in range(0, a.size, COMPARE_CHUNK):
+        d = a[i:i + COMPARE_CHUNK].astype(np.float64)
+        if b is not None:
+            d -= b[i:i + COMPARE_CHUNK]
+        out = np.maximum(out, np.max(np.abs(d, out=d)))  # np.maximum keeps a nan
+    return float(out)
+
+
 def compare(name: str, got, want, tol: float, floor: float = 0.0) -> OutputError:
-    g = np.asarray(got, np.float64)
-    w = np.asarray(want, np.float64)
+    g, w = np.asarray(got), np.asarray(want)
     if g.shape != w.shape:
         return OutputError(name, float("inf"), float("inf"), tol, floor)
-    diff = np.abs(g - w)
-    max_abs = float(np.max(diff)) if diff.size else 0.0
-    if not np.all(np.isfinite(g)):
+    max_abs = _max_abs(g, w)
+    if not all(np.all(np.isfinite(g.reshape(-1)[i:i + COMPARE_CHUNK])) for i in range(0, g.size, COMPARE_CHUNK)):
         max_abs = float("inf")
-    scale = float(np.max(np.abs(w))) if w.size else 0.0
+    scale = _max_abs(w)
     rel = max_abs / scale if scale > 0 else max_abs
     return OutputError(name, max_abs, rel, tol, floor)
 
@@ -277,20 +291,29 @@ def _weight_tol(options: dict) -> float | None:
 
 def verify(package, exported: Path | str, contract_path: Path | str, function: str | None = None,
            *, program: Program | None = None, seed: int = SEED, weights: Path | str | None = None) -> Verdict:
-    """Run ``package`` (a path or an interpreter ``Package``) and the program on the same seeded inputs."""
+    """Run ``package`` (a path or an interpreter ``Package``) and the program on the same seeded inputs.
+
+    Memory: at most one side's model is loaded at a time where the order allows it. A prefill check of an
+    uncompressed package runs the package first and lets it go (its weights are a memory map of the file)
+    before the program is loaded; the program's weights are rounded to fp16 in place (when it is this
+    call's own program) rather than beside a copy; outputs are compared a chunk at a time."""
     from .interpreter import Package
 
     contract_path = Path(contract_path)
     c = contract_mod.read(contract_path)
     pkg = package if isinstance(package, Package) else Package(package)
     fn = pkg.function(function).name
-    program = program or Program(Path(exported), c, weights)
+    pkg_path = str(pkg.path)
+    own_program = program is None
+    checkpoint = weights
     precision = precision_of(pkg, fn)
     tol = FP16_RTOL if precision == "fp16" else FP32_RTOL
 
     weights: dict[str, float] = {}
     wtol = _weight_tol(package_options(pkg))
     compressed = {_COMPRESSED.sub("", n): v for n, v in pkg.function(fn).consts.items() if _COMPRESSED.search(n)}
+    if compressed or c["mode"] == "decode":  # the program first: its weights replaced, or the cache it fills
+        program = program or Program(Path(exported), c, checkpoint)
     if compressed:
         sd = program.ep.state_dict
         for name, value in compressed.items():
@@ -302,6 +325,7 @@ def verify(package, exported: Path | str, contract_path: Path | str, function: s
         if wtol is None:
             wtol = max(WEIGHT_RTOL["palettize"].values())
         program.replace(compressed)
+    compressed = None
 
     if c["mode"] == "decode":
         inputs, cache = decode_case(program, c, seed)
@@ -313,17 +337,22 @@ def verify(package, exported: Path | str, contract_path: Path | str, function: s
         for name in state:
             state[name][...] = cache[name]
     got = pkg.run(fn, inputs, state=state)
+    on_device = sys.platform == "darwin"  # the device's own runtime too (not run in CI, which is Linux)
+    if not on_device and not isinstance(package, Package):
+        pkg = None  # this call's own package: its weights are not needed any more
+    program = program or Program(Path(exported), c, checkpoint)
     want_state = {k: v.copy() for k, v in cache.items()} if c["states"] else None
     want = program(inputs, state=want_state)
     floors = {}
     if precision == "fp16":
-        floors = {n: FP16_FLOOR * e for n, e in _fp16_weight_effect(program, inputs, cache, want, want_state).items()}
+        effect = _fp16_weight_effect(program, inputs, cache, want, want_state, restore=not own_program)
+        floors = {n: FP16_FLOOR * e for n, e in effect.items()}
     outputs = [compare(t["name"], got[t["name"]], want[t["name"]], tol, floors.get(t["name"], 0.0)) for t in c["outputs"]]
     if state is not None:  # the states after the step are outputs too
         outputs += [compare(f"state {n}", state[n], want_state[n], tol, floors.get(f"state {n}", 0.0)) for n in state]
-    if sys.platform == "darwin":  # the device's own runtime too (not run in CI, which is Linux)
+    if on_device:
         outputs += _predict_on_device(pkg, fn, inputs, cache if c["states"] else None, want, c, tol)
-    return Verdict(str(pkg.path), fn, precision, outputs, weights, wtol if weights else None)
+    return Verdict(pkg_path, fn, precision, outputs, weights, wtol if weights else None)
 
 
 def _predict_on_device(pkg, fn: str, inputs: dict, cache: dict | None, want: dict, c: dict, tol: float) -> list:
@@ -340,15 +369,24 @@ def _predict_on_device(pkg, fn: str, inputs: dict, cache: dict | None, want: dic
     return [compare(f"MLModel {t['name']}", got[t["name"]], want[t["name"]], tol) for t in c["outputs"]]
 
 
-def _fp16_weight_effect(program: Program, inputs: dict, cache: dict, want: dict, want_state: dict | None) -> dict:
+def _fp16_weight_effect(program: Program, inputs: dict, cache: dict, want: dict, want_state: dict | None,
+                        restore: bool = True) -> dict:
     """Per output, the max abs change of the program's output when only its weights are rounded to fp16.
 
     An output that is a small difference of large terms (the judge's score: a dot product that nearly cancels)
     has fp16 noise far above fp16's unit roundoff of its own scale; this measures that noise for the very
-    inputs and output, and the package's fp16 error may be up to FP16_FLOOR times it."""
+    inputs and output, and the package's fp16 error may be up to FP16_FLOOR times it.
+
+    ``restore=False`` (the caller's program is not used afterwards): each weight is replaced by its rounded
+    copy one at a time and the original let go, so the program's weights are held once, not twice."""
     sd = program.ep.state_dict
-    originals = {name: sd[fqn] for name, fqn in program.placeholders.items() if sd[fqn].is_floating_point()}
-    program.replace({name: t.detach().to(program.torch.float16).float().numpy() for name, t in originals.items()})
+    program._module = None  # the module holds the weights too
+    names = [name for name, fqn in program.placeholders.items() if sd[fqn].is_floating_point()]
+    originals = {name: sd[program.placeholders[name]] for name in names} if restore else {}
+    for name in names:
+        t = sd[program.placeholders[name]]
+        program.replace({name: t.detach().to(program.torch.float16).float().numpy()})
+        del t
     try:
         state = {k: v.copy() for k, v in cache.items()} if want_state is not None else None
         rounded = program(inputs, state=state)
@@ -356,9 +394,11 @@ def _fp16_weight_effect(program: Program, inputs: dict, cache: dict, want: dict,
         for name, t in originals.items():
             sd[program.placeholders[name]] = t
         program._module = None
-    out = {n: float(np.max(np.abs(rounded[n].astype(np.float64) - want[n]))) for n in want}
+    out = {}
+    for n in list(rounded):
+        out[n] = _max_abs(rounded.pop(n), want[n])
     if want_state is not None:
-        out.update({f"state {n}": float(np.max(np.abs(state[n].astype(np.float64) - want_state[n]))) for n in state})
+        out.update({f"state {n}": _max_abs(state[n], want_state[n]) for n in state})
     return out
 
 

@@ -37,7 +37,7 @@ from ..contract import entry_name
 from ..digest import StatCache, bytes_digest
 from ..errors import ExportError
 from ..layout import LAST_BUILD, STATE_DIR, manifest_of
-from ..stepdefs import STEPS
+from ..stepdefs import STEPS, contract_shapes
 from ..toolchain import versions
 from .reporter import BuildReporter
 
@@ -461,9 +461,26 @@ def input_bytes(kwargs: dict, inputs: list[str]) -> int:
 
 
 def need_mb(step: str, kwargs: dict, inputs: list[str]) -> int:
-    """The memory ``step`` reserves: its record's estimate from the bytes it reads (export/stepdefs.py)."""
+    """The memory ``step`` reserves: its record's estimate from the bytes it reads and the shapes of the (mode,
+    T) contracts it runs (export/stepdefs.py)."""
     sizes = input_sizes(kwargs, inputs)
-    return STEPS[step].need_mb(sum(sizes), max(sizes, default=0))
+    return STEPS[step].need_mb(sum(sizes), max(sizes, default=0), contract_shapes(_contracts_of(kwargs)))
+
+
+def _contracts_of(kwargs: dict) -> list[dict]:
+    """The contracts a step runs (a leaf's, or every function's of a bundle), as far as they can be read: a
+    contract that cannot be read is the step's own error to report, not the ledger's."""
+    more = kwargs.get("contracts") or ()
+    paths = ([kwargs["contract"]] if "contract" in kwargs else []) + list(more.values() if isinstance(more, dict) else more)
+    out = []
+    for p in paths:
+        try:
+            c = json.loads(Path(p).read_text())
+            contract_shapes([c])
+        except (OSError, ValueError, TypeError, AttributeError, KeyError, IndexError):
+            continue
+        out.append(c)
+    return out
 
 
 def _ledger():
