@@ -204,9 +204,10 @@ def _last_page_zeroed(f: Path) -> None:  # the file was extended but its last pa
     conn.execute("VACUUM")
     conn.close()
     data = bytearray(f.read_bytes())
-    size = int.from_bytes(data[16:18], "big") or 65536  # the header's page size (1 means 65536)
+    size = int.from_bytes(data[16:18], "big")  # the header's page size (1 means 65536)
+    size = 65536 if size == 1 else size
     # the last b-tree page (the file may end in an overflow page, the tail of a long value, which quick_check
-    # need not read: the CI run of 2026-11-29 saw that damage go unnoticed): its type byte is 2, 5, 10 or 13 (the first page's comes after the header)
+    # need not read: a CI run saw that damage go unnoticed); its type byte is 2, 5, 10 or 13
     last = next(n for n in range(len(data) // size - 1, 0, -1) if data[n * size] in (2, 5, 10, 13))
     data[last * size:(last + 1) * size] = bytes(size)
     f.write_bytes(bytes(data))
