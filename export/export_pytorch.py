@@ -140,26 +140,13 @@ def export_entry(ck: Loaded, model: torch.nn.Module, out_dir: Path, *, model_nam
     example = arch.example_inputs(ck.config, mode, T, dt, gen, kv_cache=kv_cache)
     typed = model if dt == torch.float32 else copy.deepcopy(model).to(dt)  # the caller's model stays fp32
     wrapper = arch.wrap(typed, mode, kv_cache=kv_cache, T=T).eval()
-    stem = contract.entry_name(mode, T)
     blobs = {}
     with torch.no_grad():
         for fmt in formats:
             blobs[fmt] = (export_program(wrapper, example, keep, ck.path if external_weights else None)
                           if fmt == "exported_program" else EXPORTERS[fmt](wrapper, example))
-    data = {
-        "schema": contract.SCHEMA, "schema_version": contract.SCHEMA_VERSION,
-        "model": model_name, "architecture": arch.name, "mode": mode, "T": T,
-        "dtype": _dtype_name(dtype),
-        "inputs": [t.to_json() for t in spec.inputs], "outputs": [t.to_json() for t in spec.outputs],
-        "states": [t.to_json() for t in spec.states], "kv_cache": "state" if spec.states else "explicit",
-        "exports": {fmt: {"file": stem + contract.FORMATS[fmt], "digest": bytes_digest(b)} for fmt, b in blobs.items()},
-        "checkpoint": {"digest": checkpoint_digest or checkpoint_files.digest(ck.path)},
-        "toolchain": versions(STEPS["export_pytorch"].tools + arch.tools),
-    }
-    for fmt, blob in blobs.items():
-        atomic.write_bytes(out_dir / (stem + contract.FORMATS[fmt]), blob)
-    contract.write(out_dir / f"{stem}.contract.json", data)  # last: the contract commits the entry
-    return data
+    return _write_entry(out_dir, blobs, model_name=model_name, arch=arch, mode=mode, T=T, dtype=dtype, spec=spec,
+                        checkpoint_digest=checkpoint_digest or checkpoint_files.digest(ck.path))
 
 
 def export_part(checkpoint: Path | str, part: dict, out_dir: Path, *, model_name: str, mode: str, T: int,
@@ -183,11 +170,18 @@ def export_part(checkpoint: Path | str, part: dict, out_dir: Path, *, model_name
                                   kv_cache=kv_cache)
     typed = module if dt == torch.float32 else copy.deepcopy(module).to(dt)
     wrapper = wrap_part(typed, mode, kv_cache=kv_cache, T=T).eval()
-    stem = contract.entry_name(mode, T)
     blobs = {}
     with torch.no_grad():
         for fmt in formats:
             blobs[fmt] = export_program(wrapper, example, keep) if fmt == "exported_program" else EXPORTERS[fmt](wrapper, example)
+    return _write_entry(out_dir, blobs, model_name=model_name, arch=arch, mode=mode, T=T, dtype=dtype, spec=spec,
+                        checkpoint_digest=part["digest"], part=contract.part_entry(part, vocab=d.vocab_size))
+
+
+def _write_entry(out_dir: Path, blobs: dict[str, bytes], *, model_name: str, arch, mode: str, T: int, dtype: str, spec,
+                 checkpoint_digest: str, part: dict | None = None) -> dict:
+    """Write one (mode, T)'s exported files and then its contract (which commits the entry); the contract."""
+    stem = contract.entry_name(mode, T)
     data = {
         "schema": contract.SCHEMA, "schema_version": contract.SCHEMA_VERSION,
         "model": model_name, "architecture": arch.name, "mode": mode, "T": T,
@@ -195,8 +189,8 @@ def export_part(checkpoint: Path | str, part: dict, out_dir: Path, *, model_name
         "inputs": [t.to_json() for t in spec.inputs], "outputs": [t.to_json() for t in spec.outputs],
         "states": [t.to_json() for t in spec.states], "kv_cache": "state" if spec.states else "explicit",
         "exports": {fmt: {"file": stem + contract.FORMATS[fmt], "digest": bytes_digest(b)} for fmt, b in blobs.items()},
-        "checkpoint": {"digest": part["digest"]},
-        "part": contract.part_entry(part, vocab=d.vocab_size),
+        "checkpoint": {"digest": checkpoint_digest},
+        **({"part": part} if part is not None else {}),
         "toolchain": versions(STEPS["export_pytorch"].tools + arch.tools),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
