@@ -157,8 +157,10 @@ def module_cli(damage, *, fmt_in: str = "prefill_T16.pt2"):
         for name in (fmt_in, "prefill_T16.contract.json"):
             (bad / name).write_bytes((src / name).read_bytes())
         damage(bad)
+        # the build's programs keep their weights in the checkpoint (export/program_weights.py)
+        weights = ["--weights", "checkpoints/student.pt"] if fmt_in.endswith(".pt2") else []
         return [sys.executable, "-m", "export.convert_coreml", "--backend", "pytorch", "--in", f"bad/{fmt_in}",
-                "--out", "bad/out.mlpackage", "--contract", "bad/prefill_T16.contract.json"]
+                "--out", "bad/out.mlpackage", "--contract", "bad/prefill_T16.contract.json", *weights]
     return brk
 
 
