@@ -19,14 +19,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, write_result  # noqa: E402
+from common import REPO, TreeSampler, write_result  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
 from scenario import Project, project_toml, student_toml  # noqa: E402
@@ -49,49 +47,15 @@ def make_checkpoint(path: Path, config: dict) -> int:
     return int(r.stdout.split()[-1])
 
 
-class Sampler:
-    """Peak of the summed resident memory of a process tree, and the CPU time of every process
-    seen in it (grandchildren included: a doit worker is not waited for by the benchmark)."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.root, self.peak, self.done = psutil.Process(proc.pid), 0, False
-        self.cpu: dict[int, float] = {}
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        while not self.done:
-            try:
-                procs = [self.root, *self.root.children(recursive=True)]
-            except psutil.Error:
-                procs = []
-            rss = 0
-            for p in procs:
-                try:
-                    with p.oneshot():
-                        rss += p.memory_info().rss
-                        t = p.cpu_times()
-                        self.cpu[p.pid] = t.user + t.system
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, rss)
-            time.sleep(0.1)
-
-    def stop(self) -> tuple[float, float]:
-        self.done = True
-        self.thread.join()
-        return round(self.peak / 2**20, 1), round(sum(self.cpu.values()), 2)
-
-
 def measure(cmd: list[str], cwd: Path, env: dict) -> dict:
     """Wall seconds, CPU seconds (sampled every 0.1 s, so a process living less than that is missed)
     and peak memory of a command's whole process tree."""
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sampler = Sampler(proc)
+    sampler = TreeSampler(proc.pid, every=0.1)
     out, _ = proc.communicate()
     wall = time.perf_counter() - t
-    peak, cpu = sampler.stop()
+    peak, cpu = sampler.stop(), sampler.cpu_seconds()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out[-4000:]}")
     return {"wall_s": round(wall, 2), "cpu_s": cpu, "peak_mb": peak}

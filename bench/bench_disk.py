@@ -34,8 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, write_result  # noqa: E402
-from bench_build import Sampler  # noqa: E402
+from common import REPO, TreeSampler, write_result  # noqa: E402
 
 QWEN = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
             intermediate_size=4864, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True)
@@ -110,7 +109,7 @@ def build(rev: str, root: Path, model: str, checkpoint: Path | None, targets: li
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "doit", *targets], cwd=root, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
-        sampler = Sampler(proc)
+        sampler = TreeSampler(proc.pid)
         rc = proc.wait()
         sampler.stop()
     seconds = time.monotonic() - t

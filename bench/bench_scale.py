@@ -50,13 +50,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, write_result  # noqa: E402
+from common import REPO, TreeSampler, write_result  # noqa: E402
 
 MODELS_DIR = Path(os.environ.get("MODEL_EXPORT_BENCH_MODELS", Path.home() / ".cache" / "model-export-bench"))
 DEFAULT_LEAVES = [f"{m}:{t}" for m in ("prefill", "decode") for t in (512, 1024, 2048, 4096)]
@@ -233,40 +232,6 @@ def ensure_model(name: str, force: bool = False) -> dict:
 
 
 # ---------------------------------------------------------------- measuring a process tree
-
-class TreeSampler:
-    """Every ``every`` seconds: the sum of the resident memory of a process and all its descendants."""
-
-    def __init__(self, pid: int, every: float = 0.2):
-        import psutil
-
-        self.root, self.every, self.peak, self.samples = psutil.Process(pid), every, 0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        import psutil
-
-        while not self._stop.is_set():
-            try:
-                procs = [self.root, *self.root.children(recursive=True)]
-            except psutil.Error:
-                procs = []
-            rss = 0
-            for p in procs:
-                try:
-                    rss += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak, self.samples = max(self.peak, rss), self.samples + 1
-            self._stop.wait(self.every)
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return round(self.peak / 2**20, 1)
-
 
 def measure(cmd: list[str], cwd: Path, env: dict, log: Path | None = None, check: bool = True) -> dict:
     """Wall seconds and peak tree RSS of a command; its output to ``log`` (or kept, last 4000 chars).

@@ -7,6 +7,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -69,3 +70,47 @@ def timed(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True
 def median_of(n: int, cmd: list[str], cwd: Path, env: dict | None = None) -> dict:
     runs = [timed(cmd, cwd, env) for _ in range(n)]
     return {"median_s": round(statistics.median(runs), 4), "runs_s": [round(r, 4) for r in runs]}
+
+
+class TreeSampler:
+    """Every ``every`` seconds: the sum of the resident memory of a process and all its descendants
+    (``peak``, bytes), and the CPU time of every process seen in the tree (grandchildren included:
+    a doit worker is not waited for by the benchmark)."""
+
+    def __init__(self, pid: int, every: float = 0.2):
+        import psutil
+
+        self.root, self.every, self.peak, self.samples = psutil.Process(pid), every, 0, 0
+        self.cpu: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except psutil.Error:
+                procs = []
+            rss = 0
+            for p in procs:
+                try:
+                    with p.oneshot():
+                        rss += p.memory_info().rss
+                        t = p.cpu_times()
+                        self.cpu[p.pid] = t.user + t.system
+                except psutil.Error:
+                    pass
+            self.peak, self.samples = max(self.peak, rss), self.samples + 1
+            self._stop.wait(self.every)
+
+    def stop(self) -> float:
+        """Stop sampling; the peak in MB."""
+        self._stop.set()
+        self._thread.join()
+        return round(self.peak / 2**20, 1)
+
+    def cpu_seconds(self) -> float:
+        return round(sum(self.cpu.values()), 2)
