@@ -338,6 +338,11 @@ def test_editing_one_layer_rebuilds_that_part_only(parted_built, tmp_path):
     changed = {k for k in after if after[k] != before.get(k)}
     assert changed and all(k.startswith("student/chunk1/") for k in changed), changed
     assert "up to date" in p.doit().stdout
+    # never stale: the incremental build's bytes are a cold build's of the edited checkpoint
+    cold = Project(tmp_path / "cold")
+    shutil.copytree(p.root, cold.root, ignore=shutil.ignore_patterns("artifacts", ".export", ".cache"))
+    cold.doit()
+    assert cold.artifact_digests() == after
 
 
 @pytest.mark.slow
