@@ -201,6 +201,17 @@ def _load_folder(path: Path) -> FolderLoaded:
     return FolderLoaded(path, arch, arch.load_config(path))
 
 
+def part_sources(module, info) -> dict[str, tuple[str, tuple[int, int] | None]]:
+    """Each weight of a part's module: the checkpoint tensor it is (export/parts.py ``ModelInfo``: a tied
+    head is the embeddings' weight) and its rows, for a piece of a split head (None: the whole tensor)."""
+    lay, out = info.layout, {}
+    for key, (name, rows) in module.sources().items():
+        if name not in info.tensors and name == lay.head_weight and info.tied:
+            name = lay.embed_weight  # tied: the head is the embeddings' weight
+        out[key] = (name, rows)
+    return out
+
+
 def load_part(path: Path | str, part: dict):
     """(architecture, config, module) of one part of a parted model (export/parts.py): the part's modules are
     made on the meta device and take the part's tensors, read one by one from the memory-mapped safetensors
@@ -222,11 +233,8 @@ def load_part(path: Path | str, part: dict):
     spec = PartSpec.from_json(part)
     with torch.device("meta"):
         module = arch.build_part(config, spec)
-    lay = info.layout
     by_file: dict[str, list] = {}
-    for key, (name, rows) in module.sources().items():
-        if name not in info.tensors and name == lay.head_weight and info.tied:
-            name = lay.embed_weight  # tied: the head is the embeddings' weight
+    for key, (name, rows) in part_sources(module, info).items():
         ref = info.tensors.get(name)
         if ref is None:
             raise ExportError(f"part {spec.name} needs tensor {name!r}, which the checkpoint lacks", file=path,

@@ -97,20 +97,21 @@ def export_torchscript(wrapper, example) -> bytes:
     return _canonical_torchscript(buf.getvalue())
 
 
-def export_program(wrapper, example, keep=None, weights: Path | str | None = None) -> bytes:
+def export_program(wrapper, example, keep=None, weights: Path | str | None = None, hints: dict | None = None) -> bytes:
     """``torch.export`` traces with fake tensors: no real forward pass, whatever T is.
 
     ``keep(digest, program, size)``, if given, receives the program with the digest of its saved bytes
     (a worker that converts it next need not load the file again: export/runner/programs.py); ``size``
     counts the weights in memory, saved or not. ``weights``: the checkpoint the model was loaded from;
-    the program is then saved without the weights that are its tensors (export/program_weights.py)."""
+    the program is then saved without the weights that are its tensors (export/program_weights.py);
+    ``hints``: which checkpoint tensor (and rows) each weight of the module is, if known (a part's)."""
     ep = torch.export.export(wrapper, example, strict=False)
     ep._example_inputs = None  # else every .pt2 stores its (T-sized) example K/V cache
     for node in ep.graph.nodes:  # absolute source paths would make the bytes depend on the checkout
         trace = portable_source(node.meta.pop("stack_trace", None))
         if trace:
             node.meta["stack_trace"] = trace  # the preflight says where an unsupported op comes from
-    data, external = program_weights.save(ep, weights)
+    data, external = program_weights.save(ep, weights, hints)
     if keep is not None:
         keep(bytes_digest(data), ep, len(data) + external)
     return data
@@ -150,12 +151,17 @@ def export_entry(ck: Loaded, model: torch.nn.Module, out_dir: Path, *, model_nam
 
 
 def export_part(checkpoint: Path | str, part: dict, out_dir: Path, *, model_name: str, mode: str, T: int,
-                formats: list[str], dtype: str = "fp32", kv_cache: str = "explicit", loaded=None, keep=None) -> dict:
+                formats: list[str], dtype: str = "fp32", kv_cache: str = "explicit", loaded=None, keep=None,
+                external_weights: bool = False) -> dict:
     """Export one part of a parted model (export/parts.py) at one (mode, T): its files and its contract, which
     names the part, its layers and its place in the chain. ``part``: ``Part.to_json()`` plus ``digest`` (its
     tensors' and the config's, export/parts.py ``part_digest``: the contract's checkpoint digest).
-    ``loaded``: (architecture, config, module) of this part, if the caller has it (export/runner/checkpoints.py)."""
-    from .checkpoint import load_part
+    ``loaded``: (architecture, config, module) of this part, if the caller has it (export/runner/checkpoints.py).
+    ``external_weights``: the ``.pt2`` keeps the part's weights in the checkpoint (what the build does), each
+    weight referring to the tensor (or the rows of a split head's piece) it was loaded from; else it is
+    self-contained."""
+    from . import parts as parts_mod
+    from .checkpoint import load_part, part_sources
     from .models.decoder_lm import PartSpec, part_example_inputs, part_io, wrap_part
 
     arch, config, module = loaded or load_part(checkpoint, part)
@@ -170,10 +176,13 @@ def export_part(checkpoint: Path | str, part: dict, out_dir: Path, *, model_name
                                   kv_cache=kv_cache)
     typed = module if dt == torch.float32 else copy.deepcopy(module).to(dt)
     wrapper = wrap_part(typed, mode, kv_cache=kv_cache, T=T).eval()
+    weights = checkpoint if external_weights and "exported_program" in formats else None
+    hints = part_sources(module, parts_mod.index(checkpoint)) if weights is not None else None
     blobs = {}
     with torch.no_grad():
         for fmt in formats:
-            blobs[fmt] = export_program(wrapper, example, keep) if fmt == "exported_program" else EXPORTERS[fmt](wrapper, example)
+            blobs[fmt] = (export_program(wrapper, example, keep, weights, hints) if fmt == "exported_program"
+                          else EXPORTERS[fmt](wrapper, example))
     return _write_entry(out_dir, blobs, model_name=model_name, arch=arch, mode=mode, T=T, dtype=dtype, spec=spec,
                         checkpoint_digest=part["digest"], part=contract.part_entry(part, vocab=d.vocab_size))
 

@@ -93,10 +93,17 @@ class TensorSource:
             return tuple(self._pt[name].shape)
         return tuple(self._handle(self._where[name]).get_slice(name).get_shape())
 
-    def get(self, name: str) -> torch.Tensor:
+    def has(self, name: str) -> bool:
+        return name in (self._pt if self._pt is not None else self._where)
+
+    def get(self, name: str, rows: tuple[int, int] | list[int] | None = None) -> torch.Tensor:
+        """The tensor ``name``, or only its rows [a, b) (a piece of a split head: only those rows are read)."""
         try:
             if self._pt is not None:
-                return self._pt[name]
+                t = self._pt[name]
+                return t[rows[0]:rows[1]] if rows else t
+            if rows:
+                return self._handle(self._where[name]).get_slice(name)[rows[0]:rows[1]]
             return self._handle(self._where[name]).get_tensor(name)
         except KeyError:
             raise ExportError(f"the checkpoint has no tensor {name!r}, which the program refers to", file=self.path,
@@ -117,37 +124,55 @@ def _plain(t) -> bool:
     return isinstance(t, torch.Tensor) and type(t.data) is torch.Tensor and t.layout == torch.strided and t.numel() > 0
 
 
-def references(state: dict, source: TensorSource) -> dict[str, dict]:
+def _hint(fqn: str, hints: dict) -> tuple[str, tuple[int, int] | None] | None:
+    """The hint of a program weight: the hint keyed by its name with the fewest leading components dropped
+    (a part's program names ``model.<key>`` the weight its module names ``<key>``)."""
+    pieces = fqn.split(".")
+    for i in range(len(pieces)):
+        hit = hints.get(".".join(pieces[i:]))
+        if hit is not None:
+            return hit
+    return None
+
+
+def references(state: dict, source: TensorSource, hints: dict | None = None) -> dict[str, dict]:
     """For each weight of ``state`` (a program's state_dict) equal bit for bit to a checkpoint tensor cast
-    to its dtype: ``{fqn: {tensor, dtype, shape, nbytes, digest}}``. Candidates are the checkpoint's tensors
-    of the same shape, the best match of their names first, at most MAX_CANDIDATES hashed per weight."""
+    to its dtype: ``{fqn: {tensor, dtype, shape, nbytes, digest}}`` (and ``rows`` [a, b) when the weight is
+    those rows of the tensor). ``hints``: ``{module key: (checkpoint tensor, rows or None)}`` of the module
+    the program was exported from (a part's ``sources()``), tried first. Other candidates are the checkpoint's
+    tensors of the same shape, the best match of their names first, at most MAX_CANDIDATES hashed per weight."""
     by_shape: dict[tuple, list[str]] = defaultdict(list)
     for name in source.names():
         by_shape[source.shape(name)].append(name)
-    digests: dict[tuple, str] = {}  # (checkpoint name, dtype) -> digest
+    digests: dict[tuple, str] = {}  # (checkpoint name, dtype, rows) -> digest
     refs = {}
     for fqn, t in state.items():
         if not _plain(t):
             continue
         want = tensor_digest(t)
+        hint = _hint(fqn, hints) if hints else None
+        tried = [(hint[0], tuple(hint[1]) if hint[1] else None)] if hint and source.has(hint[0]) else []
         candidates = sorted(by_shape.get(tuple(t.shape), ()), key=lambda n: (-_common_suffix(fqn, n), n))
-        for name in candidates[:MAX_CANDIDATES]:
-            key = (name, t.dtype)
+        tried += [(name, None) for name in candidates[:MAX_CANDIDATES] if (name, None) not in tried]
+        for name, rows in tried:
+            key = (name, t.dtype, rows)
             if key not in digests:
-                digests[key] = tensor_digest(source.get(name).to(t.dtype))
+                piece = source.get(name, rows)
+                digests[key] = tensor_digest(piece.to(t.dtype)) if tuple(piece.shape) == tuple(t.shape) else ""
             if digests[key] == want:
                 refs[fqn] = {"tensor": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-                             "nbytes": t.numel() * t.element_size(), "digest": want}
+                             "nbytes": t.numel() * t.element_size(), "digest": want,
+                             **({"rows": list(rows)} if rows else {})}
                 break
     return refs
 
 
-def save(ep, weights: Path | str | None) -> tuple[bytes, int]:
+def save(ep, weights: Path | str | None, hints: dict | None = None) -> tuple[bytes, int]:
     """``ep`` saved as PT2 archive bytes: self-contained when ``weights`` is None, else with every weight
-    that is a tensor of the checkpoint at ``weights`` left out and referred to. Returns (bytes, the bytes
-    of the weights left out). ``ep`` itself is not changed."""
+    that is a tensor of the checkpoint at ``weights`` (or rows of one) left out and referred to. Returns
+    (bytes, the bytes of the weights left out). ``ep`` itself is not changed. ``hints``: see ``references``."""
     buf = io.BytesIO()
-    refs = references(ep.state_dict, TensorSource(weights)) if weights is not None else {}
+    refs = references(ep.state_dict, TensorSource(weights), hints) if weights is not None else {}
     if not refs:
         torch.export.save(ep, buf)
         return buf.getvalue(), 0
@@ -164,8 +189,13 @@ def save(ep, weights: Path | str | None) -> tuple[bytes, int]:
     light._state_dict = {k: placeholder(v) if k in refs else v for k, v in ep.state_dict.items()}
     body = {"version": VERSION, "tensors": refs}
     torch.export.save(light, buf, extra_files={REFS_FILE: json.dumps(body, indent=1, sort_keys=True)})
-    external = sum({(r["tensor"], r["dtype"]): r["nbytes"] for r in refs.values()}.values())
+    external = sum({_ref_key(r): r["nbytes"] for r in refs.values()}.values())
     return buf.getvalue(), external
+
+
+def _ref_key(r: dict) -> tuple:
+    """One tensor read from the checkpoint: its name, the dtype it takes and its rows (None: all)."""
+    return r["tensor"], r["dtype"], tuple(r["rows"]) if r.get("rows") else None
 
 
 def load(path: Path | str, weights: Path | str | None = None):
@@ -190,9 +220,9 @@ def load(path: Path | str, weights: Path | str | None = None):
     loaded: dict[tuple, torch.Tensor] = {}
     state = ep.state_dict
     for fqn, r in sorted(refs.items()):
-        key = (r["tensor"], r["dtype"])
+        key = _ref_key(r)
         if key not in loaded:
-            t = source.get(r["tensor"]).to(getattr(torch, r["dtype"])).contiguous()
+            t = source.get(r["tensor"], r.get("rows")).to(getattr(torch, r["dtype"])).contiguous()
             if list(t.shape) != list(r["shape"]) or tensor_digest(t) != r["digest"]:
                 raise ExportError(f"tensor {r['tensor']!r} is not the one {path.name} was exported with (its digest "
                                   f"or shape differs): re-export from this checkpoint", file=weights,

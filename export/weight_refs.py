@@ -4,7 +4,8 @@ read without torch (the planner's memory estimate reads it; export/program_weigh
 The build saves every (mode, T) program as its graph with each weight that is a checkpoint tensor
 (after the export's dtype cast) replaced by an empty record, and the list of those weights in the
 archive's extra file ``REFS_FILE``: per weight of the program, the checkpoint tensor's name, the
-dtype and shape it takes, and the xxh3-128 digest of its bytes. Those digests are part of the
+dtype and shape it takes, and the xxh3-128 digest of its bytes (a part's split head: ``rows`` [a, b),
+the piece's rows of the tensor). Those digests are part of the
 ``.pt2``'s bytes, so every step keyed by the ``.pt2`` is keyed by the weights it reads from the
 checkpoint, and the loader checks each tensor against its digest.
 """
@@ -38,7 +39,7 @@ def external_bytes(path: Path | str) -> int:
         return 0
     seen, total = set(), 0
     for r in refs.get("tensors", {}).values():
-        key = (r["tensor"], r["dtype"])
+        key = (r["tensor"], r["dtype"], tuple(r.get("rows") or ()))  # a split head's pieces: rows of one tensor
         if key not in seen:
             seen.add(key)
             total += int(r.get("nbytes", 0))

@@ -247,6 +247,85 @@ def test_a_model_without_part_keys_is_not_parted(tmp_path):
     assert config_mod.parse(table, root=tmp_path, file=tmp_path / "pyproject.toml").models[0].parts is None
 
 
+# --- one copy of the weights: a part's programs refer to its tensors ---------------------------------------
+
+WEIGHT = "Data/com.apple.CoreML/weights/weight.bin"
+
+
+def _spec_without_contract(pkg: Path) -> bytes:
+    from export.coreml.mlpackage import METADATA_PREFIX, read_spec
+
+    spec = read_spec(pkg)
+    spec.description.metadata.userDefined.pop(METADATA_PREFIX + "contract_digest")
+    return spec.SerializeToString(deterministic=True)
+
+
+@pytest.mark.parametrize("part_name", ["chunk1", "head"])
+def test_part_programs_refer_to_their_tensors_and_convert_to_the_same_package(tmp_path, part_name):
+    """A part's .pt2 as the build writes it holds none of its weights: each is a reference to its checkpoint
+    tensor (a split head's piece to rows of lm_head.weight), read back bit for bit; it converts to the package
+    a self-contained .pt2 of the part gives (same weight file and spec, but for the contract digest)."""
+    from export import export_pytorch, program_weights, weight_refs
+    from export.coreml.convert import convert
+    from export.digest import file_digest, tree_files
+
+    ck = _student(tmp_path)
+    plan = {q.name: q for q in parts.plan(_model(PartsConfig(chunks=2, head_part=True, head_split=24)), parts.index(ck),
+                                          file="p")}
+    part = {**plan[part_name].to_json(), "digest": "0" * 32}
+    dirs = {}
+    for external in (False, True):
+        d = dirs[external] = tmp_path / ("ref" if external else "whole")
+        export_pytorch.export_part(ck, part, d, model_name="student", mode="prefill", T=T, formats=["exported_program"],
+                                   dtype="fp32", external_weights=external)
+    whole, ref = dirs[False] / f"prefill_T{T}.pt2", dirs[True] / f"prefill_T{T}.pt2"
+    refs = weight_refs.read(ref)["tensors"]
+    full = program_weights.load(whole)
+    assert set(refs) == set(full.state_dict)  # every weight of the part is a reference: none is stored
+    assert weight_refs.external_bytes(ref) == plan[part_name].checkpoint_bytes
+    if part_name == "head":
+        assert sorted(tuple(r["rows"]) for r in refs.values() if "rows" in r) == [(0, 24), (24, 48), (48, 64)]
+    else:
+        assert all(r["tensor"].startswith(("blocks.2.", "blocks.3.")) for r in refs.values())
+    back = program_weights.load(ref, ck)
+    for k, t in full.state_dict.items():
+        assert torch.equal(t, back.state_dict[k]), k
+    a = convert(whole, tmp_path / "a.mlpackage", dirs[False] / f"prefill_T{T}.contract.json", log=lambda *_: None)
+    b = convert(ref, tmp_path / "b.mlpackage", dirs[True] / f"prefill_T{T}.contract.json", log=lambda *_: None,
+                weights=ck)
+    assert file_digest(a / WEIGHT) == file_digest(b / WEIGHT)
+    assert _spec_without_contract(a) == _spec_without_contract(b)
+    assert sorted(tree_files(a)) == sorted(tree_files(b))
+
+
+def test_part_program_needs_its_own_tensors_only(tmp_path):
+    """A part's program reads its own tensors: another part's tensor changed is no matter; its own, an error
+    naming the tensor."""
+    from export import export_pytorch, program_weights
+
+    ck = _student(tmp_path)
+    plan = {q.name: q for q in parts.plan(_model(PartsConfig(chunks=2)), parts.index(ck), file="p")}
+    part = {**plan["chunk1"].to_json(), "digest": "0" * 32}
+    export_pytorch.export_part(ck, part, tmp_path / "e", model_name="student", mode="decode", T=T,
+                               formats=["exported_program"], external_weights=True)
+    pt2 = tmp_path / "e" / f"decode_T{T}.pt2"
+    from safetensors import safe_open
+
+    with safe_open(str(ck), "pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    cfg = checkpoint.config_from_dict(checkpoint.get("student").config_cls, json.loads(meta["config"]))
+    for name, ok in (("blocks.0.wq.weight", True), ("blocks.3.wq.weight", False)):
+        edited = dict(state, **{name: state[name] + 1})
+        other = tmp_path / f"{name}.safetensors"
+        checkpoint.save(other, "student", cfg, edited)
+        if ok:
+            program_weights.load(pt2, other)
+        else:
+            with pytest.raises(ExportError) as e:
+                program_weights.load(pt2, other)
+            assert e.value.field == f"state_dict.{name}"
+
+
 # --- a real build ------------------------------------------------------------------------------------------
 
 PARTED = 'chunks = 2\nhead_part = true\nhead_split = 24'
@@ -295,8 +374,13 @@ def test_parted_build_converts_verifies_and_bundles_every_part(parted_built):
         assert (art / part / f"student.{part}.mlpackage" / "Manifest.json").is_file()
     # the exported programs, chained, are the whole model
     whole = checkpoint.load(p.root / "checkpoints" / "student.safetensors").model()
-    progs = {part: torch.export.load(str(art / part / "exported" / "prefill_T16.pt2")).module()
+    from export import program_weights, weight_refs
+
+    ck = p.root / "checkpoints" / "student.safetensors"
+    progs = {part: program_weights.load(art / part / "exported" / "prefill_T16.pt2", ck).module()
              for part in ("chunk0", "chunk1", "head")}
+    for part in ("chunk0", "chunk1", "head"):  # the build's programs keep the part's weights in the checkpoint
+        assert weight_refs.external_bytes(art / part / "exported" / "decode_T16.pt2") > 0
     ids, pos = _padded(list(range(3, 14)))
     with torch.no_grad():
         want = whole.prefill(ids, pos)[0]

@@ -17,7 +17,8 @@ def run(checkpoint: str, out_dir: str, model: str, mode: str, T: int, formats: l
             raise ExportError(f"the checkpoint holds a {loaded[0].name!r} model; the config says model {model!r} is a "
                               f"{architecture!r}", file=checkpoint, field="architecture")
         export_part(checkpoint, part, Path(out_dir), model_name=model, mode=mode, T=T, formats=formats, dtype=dtype,
-                    kv_cache=kv_cache, loaded=loaded, keep=programs.PROGRAMS.keep)
+                    kv_cache=kv_cache, loaded=loaded, keep=programs.PROGRAMS.keep,
+                    external_weights=True)
         return
 
     ck, module = checkpoints.load(checkpoint)
