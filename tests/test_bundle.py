@@ -97,3 +97,63 @@ def test_cli_error_is_one_line(packages, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr
     assert not (tmp_path / "s.mlpackage").exists()
+
+
+WEIGHT = "Data/com.apple.CoreML/weights/weight.bin"
+
+
+def _referenced(package, function: str | None = None) -> list[tuple]:
+    """The blobs (header but offset, digest of the bytes) the constants of a package's function point at."""
+    from export.coreml.bundle import _blob_values, _blobs
+    from export.coreml.mlpackage import read_spec
+
+    blobs = _blobs(package / WEIGHT)
+    spec = read_spec(package)
+    fn = spec.mlProgram.functions[function or "main"]
+    return sorted(blobs[int(v.blobFileValue.offset)] for v in _blob_values(fn))
+
+
+@pytest.mark.parametrize("kind", ["plain", "palettized"])
+def test_bundle_shares_the_leaves_weight_file(packages, tmp_path, kind):
+    """The leaves' weight files are the same bytes, and so is the bundle's (the merge's own file held the same
+    blobs less the duplicates it drops): the build's store keeps one file. Each function's constants point at
+    the same blobs as its leaf's, and each function computes its leaf's outputs bit for bit."""
+    from export.coreml.verify import verify_bundle
+
+    pkgs, contracts = zip(*packages[kind])
+    out = tmp_path / "student.mlpackage"
+    agg = bundle(list(pkgs), list(contracts), out)
+    leaf = (pkgs[0] / WEIGHT).read_bytes()
+    if kind == "palettized":
+        # iOS18 packages keep integer constants in the weight file too (coremltools' should_use_weight_file):
+        # a decode's T-sized index vector makes each decode leaf's file its own, and the bundle keeps the merge's
+        assert len({(p / WEIGHT).read_bytes() for p in pkgs}) == 3  # the prefills' one, one per decode T
+        assert all((out / WEIGHT).read_bytes() != (p / WEIGHT).read_bytes() for p in pkgs)
+        return
+    assert all((p / WEIGHT).read_bytes() == leaf for p in pkgs)
+    assert (out / WEIGHT).read_bytes() == leaf
+    for name, pkg in zip(agg["functions"], pkgs):
+        assert _referenced(out, name) == _referenced(pkg), name
+    verdicts = verify_bundle(out, dict(zip(agg["functions"], pkgs)), contracts=dict(zip(agg["functions"], contracts)))
+    assert all(v.failure() is None for v in verdicts.values()), {k: v.failure() for k, v in verdicts.items()}
+
+
+def test_bundle_of_leaves_with_other_weight_files_keeps_its_own(packages, tmp_path):
+    """Leaves whose weight files differ: the merge's own weight file stays, its constants untouched."""
+    import shutil
+
+    from export.coreml.bundle import share_leaf_weights
+    from export.coreml.mlpackage import read_spec
+
+    (p0, c0), (p1, c1) = packages["plain"][:2]
+    other = tmp_path / "other.mlpackage"
+    shutil.copytree(p1, other)
+    data = bytearray((other / WEIGHT).read_bytes())
+    data[-1] ^= 1
+    (other / WEIGHT).write_bytes(bytes(data))
+    out = tmp_path / "student.mlpackage"
+    bundle([p0, p1], [c0, c1], out)
+    before, spec = (out / WEIGHT).read_bytes(), read_spec(out)
+    was = spec.SerializeToString(deterministic=True)
+    assert share_leaf_weights(spec, out, [p0, other]) is False
+    assert (out / WEIGHT).read_bytes() == before and spec.SerializeToString(deterministic=True) == was

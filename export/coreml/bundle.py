@@ -8,16 +8,29 @@ first is the default) + the aggregate ``contract.json`` describing every functio
 
 ``ct.utils.save_multifunction`` stores identical weights once and drops user
 metadata, which is set again; the result is canonicalized like every package.
+
+Its weight file is the leaves' own when it can be (``share_leaf_weights``): the
+(mode, T) packages of a model have byte-identical ``weight.bin`` files, and the
+merge writes the same blobs less the duplicates its constant deduplication drops
+(within one function too: equal norm weights, say), so it is a different file of
+the same weights. The bundle's constants are pointed at the same blobs in the
+leaves' file, which then becomes the bundle's: the build's store keeps one file.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import errno
 import json
 import logging
+import mmap
+import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
+
+import xxhash
 
 from .. import atomic
 from .. import contract as contract_mod
@@ -112,6 +125,7 @@ def bundle(packages: list[Path], contracts: list[Path], out: Path, contract_out:
             with atomic_path(out, is_dir=True) as tmp:
                 shutil.copytree(merged, tmp, dirs_exist_ok=True)
                 spec = read_spec(tmp)
+                share_leaf_weights(spec, tmp, [pkg for _, pkg, _ in entries])
                 set_model_metadata(spec, model_metadata or {})
                 canonicalize(tmp, meta, spec=spec)
                 spec = read_spec(tmp)
@@ -129,6 +143,159 @@ def bundle(packages: list[Path], contracts: list[Path], out: Path, contract_out:
         atomic.write_bytes(dest, Path(f).read_bytes())
     contract_mod.write(contract_out, agg, aggregate=True)
     return agg
+
+
+WEIGHT_FILE = "weights/weight.bin"  # under Data/com.apple.CoreML/ of a package; "@model_path/..." in its spec
+_BLOB_SENTINEL = 0xDEADBEEF
+
+
+def _weight_file(package: Path) -> Path:
+    return Path(package) / "Data" / "com.apple.CoreML" / WEIGHT_FILE
+
+
+def _header(path: Path, offset: int) -> bytes:
+    """The 64-byte header of the blob at ``offset`` of a weight file."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(64)
+
+
+def _blobs(path: Path) -> dict[int, tuple[bytes, str]] | None:
+    """Each blob of a weight file (coremltools' mil/storage layout: a 64-byte file header with the blob count,
+    then per blob a 64-byte header (sentinel, data type, size, data offset, ...) and its data, 64-byte
+    aligned), by the offset of its header: (its header but the data offset, the xxh3 of its data). None when
+    the file is not laid out so."""
+    try:
+        with open(path, "rb") as f:
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+    view = memoryview(m)
+    try:
+        out, pos = {}, 64
+        (count,) = struct.unpack_from("<I", m, 0)
+        for _ in range(count):
+            if pos + 64 > len(m):
+                return None
+            sentinel, _, size, data = struct.unpack_from("<IIQQ", m, pos)
+            if sentinel != _BLOB_SENTINEL or data < pos + 64 or data + size > len(m):
+                return None
+            out[pos] = (bytes(view[pos:pos + 16]) + bytes(view[pos + 24:pos + 64]),
+                        xxhash.xxh3_128_hexdigest(view[data:data + size]))
+            pos = data + size + (-(data + size) % 64)
+        return out
+    except struct.error:
+        return None
+    finally:
+        view.release()
+        m.close()
+
+
+def _blob_values(msg):
+    """Every MIL ``Value`` held in a weight file under ``msg`` (a model spec's program: const values,
+    constexpr data)."""
+    for field, value in msg.ListFields():
+        if field.type != field.TYPE_MESSAGE:
+            continue
+        kind = field.message_type
+        if kind.GetOptions().map_entry:
+            kind = kind.fields_by_name["value"].message_type
+            if kind is None:  # a map of scalars
+                continue
+            items = [value[k] for k in value]  # by key: the map's own messages (values() may give copies)
+        elif hasattr(value, "ListFields"):
+            items = (value,)
+        else:  # a repeated field
+            items = value
+        for item in items:
+            if kind.full_name == "CoreML.Specification.MILSpec.Value" and item.WhichOneof("value") == "blobFileValue":
+                yield item
+            else:
+                yield from _blob_values(item)
+
+
+INLINE_MAX = 4096  # bytes: the most a constant the leaves hold in their spec may take (T-sized index vectors)
+_NUMPY = {"FLOAT16": "<f2", "FLOAT32": "<f4", "INT8": "i1", "UINT8": "u1", "INT16": "<i2", "UINT16": "<u2",
+          "INT32": "<i4", "UINT32": "<u4"}
+
+
+def _inline(value, data: bytes) -> bool:
+    """Make ``value`` (held in a weight file) hold ``data`` in the spec, as a leaf converted for an older
+    deployment target holds it (coremltools keeps integer constants out of the weight file before iOS18,
+    and the merge is iOS18): False if its type is not one of those."""
+    import numpy as np
+    from coremltools.converters.mil.backend.mil.helper import create_tensor_value
+    from coremltools.proto import MIL_pb2
+
+    t = value.type.tensorType
+    dtype = _NUMPY.get(MIL_pb2.DataType.Name(t.dataType))
+    shape = [d.constant.size for d in t.dimensions]
+    if dtype is None or any(d.WhichOneof("dimension") != "constant" for d in t.dimensions):
+        return False
+    array = np.frombuffer(data, dtype=dtype)
+    if array.size != int(np.prod(shape)):
+        return False
+    made = create_tensor_value(array.reshape(shape).astype(array.dtype.newbyteorder("=")))
+    if made.type != value.type:
+        return False
+    value.ClearField("blobFileValue")
+    value.immediateValue.CopyFrom(made.immediateValue)
+    return True
+
+
+def share_leaf_weights(spec, package: Path, leaves: list[Path]) -> bool:
+    """Make the merged ``package`` (its ``spec``, changed in place and written by the caller) use its leaves'
+    weight file, when they all have the same one and it holds every blob the merge wrote (each blob the same
+    header and bytes) but small constants the leaves hold in their spec (the merge is iOS18, which puts integer
+    constants in the weight file: T-sized index vectors of a decode). The spec's constants point at the same
+    blobs in the leaves' file (the small ones are held in the spec, as in the leaves) and that file replaces
+    the merge's. The values of every constant are unchanged (verify_coreml:<model> checks each function against
+    its leaf, bit for bit). False, and nothing changed, when they cannot."""
+    mine = _weight_file(package)
+    files = [_weight_file(p) for p in leaves]
+    if not mine.is_file() or not all(f.is_file() for f in files):
+        return False
+    first = files[0]
+    st = first.stat()
+    for f in files[1:]:
+        o = f.stat()
+        if (o.st_dev, o.st_ino) != (st.st_dev, st.st_ino) and (o.st_size != st.st_size or file_digest(f) != file_digest(first)):
+            return False
+    merged, theirs = _blobs(mine), _blobs(first)
+    if merged is None or theirs is None:
+        return False
+    where: dict[tuple[bytes, str], int] = {}
+    for offset, key in theirs.items():
+        where.setdefault(key, offset)  # the first of equal blobs, as the leaves' own constants would point
+    values = [v for v in _blob_values(spec.mlProgram) if v.blobFileValue.fileName == "@model_path/" + WEIGHT_FILE]
+    if not values:
+        return False
+    moved, inline = [], []
+    for v in values:
+        offset = int(v.blobFileValue.offset)
+        key = merged.get(offset)
+        if key is None:
+            return False
+        if key in where:
+            moved.append((v, where[key]))
+        else:  # not in the leaves' file: a small constant their spec holds itself, or no sharing
+            _, _, size, start = struct.unpack_from("<IIQQ", _header(mine, offset))
+            if size > INLINE_MAX:
+                return False
+            with open(mine, "rb") as f:
+                f.seek(start)
+                inline.append((v, f.read(size)))
+    trial = [copy.deepcopy(v) for v, _ in inline]  # nothing changes unless every one can be held inline
+    if not all(_inline(t, data) for t, (_, data) in zip(trial, inline)):
+        return False
+    for (v, _), t in zip(inline, trial):
+        v.CopyFrom(t)
+    for v, offset in moved:
+        v.blobFileValue.offset = offset
+    tmp = mine.with_name(mine.name + ".leaves")
+    shutil.copyfile(first, tmp)
+    os.replace(tmp, mine)
+    return True
 
 
 def write_chain(chain: list[dict], contract_out: Path, *, model: str, architecture: str, files: list[Path] = (),
