@@ -37,7 +37,7 @@ def _blob(cache: Path, digest: str) -> Path:
 
 def test_built_outputs_are_the_cache_blobs(tiny_built):
     """A cold build's outputs (not restores): each file is the cache's read-only blob, so the two packages
-    of the student share one weight.bin with the cache."""
+    of the student and its bundle share one weight.bin with the cache."""
     root = tiny_built.project.root
     cache, art = root / ".cache", root / "artifacts" / "student"
     # Manifest.json: coremltools rewrites it (same bytes, a new file) when a later step opens the package
@@ -50,6 +50,8 @@ def test_built_outputs_are_the_cache_blobs(tiny_built):
         assert not st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH), p
     weights = [art / "coreml" / f"{mode}_T16.mlpackage" / WEIGHT for mode in ("prefill", "decode")]
     assert os.path.samestat(weights[0].stat(), weights[1].stat())
+    # the bundle's too: it uses its leaves' weight file (export/coreml/bundle.py share_leaf_weights)
+    assert os.path.samestat(weights[0].stat(), (art / "student.mlpackage" / WEIGHT).stat())
 
 
 def test_artifact_edited_in_place_is_found_and_the_blob_healed(tiny_built, tmp_path):
