@@ -78,6 +78,12 @@ SPECS = {
     "toy": {"config_class": "LlamaConfig", "dtype": "float32", "shard_mb": None, "config": dict(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=128, vocab_size=256, tie_word_embeddings=True, max_position_embeddings=4096)},
+    # not a published model: big enough that its weights, not the per-leaf files, dominate the disk bytes
+    # (16M parameters, 62 MiB in fp32), small enough for minutes; sharded, so a part's tensors span shards
+    "small": {"config_class": "LlamaConfig", "dtype": "float32", "shard_mb": 20, "config": dict(
+        hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+        intermediate_size=1536, vocab_size=8192, tie_word_embeddings=True, max_position_embeddings=4096,
+        rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu", head_dim=64)},
 }
 SEED = 0
 DEMO = "demo"
@@ -271,12 +277,46 @@ def disk_bytes(*folders: Path) -> int:
 
 
 def packages(artifacts: Path) -> dict:
-    """Every .mlpackage under ``artifacts``: its size and the size of each weight file in it."""
+    """Every .mlpackage under ``artifacts``: its size, the size of each weight file in it and the xxh3 of each
+    (the same weights in two builds, or in a bundle and its leaves)."""
+    import xxhash
+
+    def digest(path: Path) -> str:
+        h = xxhash.xxh3_128()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
     out = {}
     for pkg in sorted(artifacts.rglob("*.mlpackage")):
-        weights = {str(w.relative_to(pkg)): w.stat().st_size for w in sorted(pkg.rglob("*.bin"))}
+        bins = sorted(pkg.rglob("*.bin"))
         out[str(pkg.relative_to(artifacts))] = {"bytes": sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file()),
-                                                "weights": weights}
+                                                "weights": {str(w.relative_to(pkg)): w.stat().st_size for w in bins},
+                                                "weight_digests": {str(w.relative_to(pkg)): digest(w) for w in bins}}
+    return out
+
+
+def disk_by_kind(artifacts: Path, cache: Path) -> dict:
+    """The bytes of ``disk_bytes(artifacts, cache)`` by kind of file, each (device, inode) once and named by its
+    first path under artifacts/ (a cache blob linked there is that file): the packages' weight files, the
+    exported programs, everything else; and how many weight files there are and how many distinct inodes."""
+    seen, out = set(), {"weight_bin": 0, "pt2": 0, "other": 0, "weight_files": 0, "weight_inodes": 0}
+    for folder in (artifacts, cache):
+        if not folder.exists():
+            continue
+        for root, _dirs, files in os.walk(folder):
+            for f in files:
+                st = os.lstat(os.path.join(root, f))
+                kind = "weight_bin" if f.endswith(".bin") and folder == artifacts else "pt2" if f.endswith(".pt2") else "other"
+                if kind == "weight_bin":
+                    out["weight_files"] += 1
+                key = (st.st_dev, st.st_ino)
+                if key in seen:
+                    continue
+                seen.add(key)
+                out[kind] += st.st_size
+                out["weight_inodes"] += kind == "weight_bin"
     return out
 
 
@@ -363,7 +403,7 @@ def run_build(checkout: Path, model: str, folder: Path | None, shapes: dict, ext
         "returncode": res["returncode"], "errors": res["errors"],
         "rss_samples": res["samples"], "tasks": tasks,
         "disk": {"artifacts_bytes": disk_bytes(art), "cache_bytes": disk_bytes(cache),
-                 "total_bytes": disk_bytes(art, cache)},
+                 "total_bytes": disk_bytes(art, cache), "by_kind": disk_by_kind(art, cache)},
         "packages": packages(art), "exported_programs": exported(art),
         "summary": (log.read_text().strip().splitlines() or [""])[-1],
     }
@@ -372,7 +412,7 @@ def run_build(checkout: Path, model: str, folder: Path | None, shapes: dict, ext
     for e in res["errors"]:
         print(f"[{label}] {e}", flush=True)
     print(f"[{label}] {'FAILED ' if res['returncode'] else ''}{out['wall_s']} s, peak {out['peak_tree_mb']:.0f} MB, "
-          f"disk {out['disk']['total_bytes'] / 2**30:.2f} GiB", flush=True)
+          f"disk {out['disk']['total_bytes'] / 2**30:.2f} GiB {out['disk']['by_kind']}", flush=True)
     for name, t in tasks.items():
         print(f"    {name:48} {t['seconds'] or 0:8.1f} s  peak {t['peak_mb'] or 0:8.0f} MB  "
               f"reserved {t['reserved_mb'] or 0:8.0f} MB", flush=True)
@@ -469,7 +509,12 @@ def main(argv=None) -> None:
             data["checkout_over_reference"] = {
                 "wall": round(a["wall_s"] / b["wall_s"], 3), "peak_tree": round(a["peak_tree_mb"] / b["peak_tree_mb"], 3),
                 "disk": round(a["disk"]["total_bytes"] / max(b["disk"]["total_bytes"], 1), 3)}
+            same = {name: pkg["weight_digests"] == b["packages"].get(name, {}).get("weight_digests")
+                    for name, pkg in a["packages"].items()}
+            data["same_weight_files_as_reference"] = same
             print(f"checkout / reference: {data['checkout_over_reference']}", flush=True)
+            print(f"packages whose weight files are the reference's: {sum(same.values())} of {len(same)}; not: "
+                  f"{sorted(k for k, v in same.items() if not v)}", flush=True)
         path = write_result(f"scale-{args.model}", data)
         print(path)
     finally:

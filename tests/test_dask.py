@@ -20,6 +20,7 @@ import pytest
 
 import test_cache
 from scenario import Project
+from test_parts import parted_built  # noqa: F401 - the local parted build, shared with tests/test_parts.py
 
 pytest.importorskip("distributed")
 
@@ -300,6 +301,22 @@ def test_a_recipe_build_on_the_cluster_gives_a_local_builds_bytes(cluster, tmp_p
     assert nightly["non_reproducible"] == []
     assert all(nightly["tasks"][n]["reproducible"] is True for n in recipe)
     assert fresh.artifact_digests() == p.artifact_digests()
+
+
+@pytest.mark.slow
+def test_a_parted_build_on_the_cluster_gives_a_local_builds_bytes(cluster, parted_built, tmp_path):
+    """A parted model (tests/test_parts.py's: a 4-layer student in chunks of 2 layers and a split head part) built
+    on the cluster: each part's export gets the checkpoint shipped with its inputs and reads its own tensors; its
+    conversion and verification the tensors its .pt2 refers to. The artifacts are the local build's bytes."""
+    address, _, scratch = cluster
+    p = parted_built.fresh(tmp_path / "project")
+    p.doit("--dask", address, env={"MODEL_EXPORT_REMOTE_CACHE": str(tmp_path / "share")})
+    records = _steps(p)
+    parts = {n for n in records if n.endswith((".chunk0", ".chunk1", ".head"))}
+    assert {n.split(":")[0] for n in parts} == {"export_pytorch", "convert_coreml", "verify_coreml", "bundle_coreml"}
+    assert all(records[n]["status"] == "built" and records[n]["worker"] in NAMES for n in parts)
+    assert p.artifact_digests() == parted_built.artifact_digests()
+    assert not list(scratch.glob("model-export-step-*"))
 
 
 def test_a_killed_step_s_scratch_folder_is_removed_by_the_next_one(tmp_path):

@@ -475,6 +475,34 @@ def test_stateful_decode_per_chunk(tmp_path):
     assert head["states"] == [] and head["kv_cache"] == "explicit"  # no cache in the head: nothing to keep
 
 
+@pytest.mark.slow
+def test_parted_model_in_torchscript(tmp_path):
+    """formats = ["torchscript", "exported_program"]: each part's TorchScript (self-contained: its weights in the
+    file) is written beside its ExportedProgram and converted (convert_from is the first format), and the
+    packages pass verification against the programs; the parts' TorchScript modules chained are the model."""
+    p = Project.create(tmp_path / "p")
+    write_checkpoint(p.root / "checkpoints" / "student.safetensors", "student", n_layers=4)
+    (p.root / "pyproject.toml").write_text(_parted_toml('chunks = 2\nmodes = ["prefill"]\n'
+                                                        'formats = ["torchscript", "exported_program"]'))
+    p.set_shape_sets({"tiny": {"prefill": [16]}})
+    p.doit()
+    art = p.root / "artifacts" / "student"
+    for part in ("chunk0", "chunk1"):
+        c = json.loads((art / part / "exported" / "prefill_T16.contract.json").read_text())
+        assert set(c["exports"]) == {"torchscript", "exported_program"}
+        assert json.loads((art / part / "coreml" / "prefill_T16.verify.json").read_text())["ok"]
+        assert (art / part / f"student.{part}.mlpackage" / "Manifest.json").is_file()
+    assert (art / "contract.json").is_file()
+    log = (p.root / ".export" / "logs" / "convert_coreml__student.prefill.T16.chunk1.log").read_text()
+    assert "Torch Script" in log, log[-2000:]  # coremltools converted the TorchScript (its warning says so)
+    whole = checkpoint.load(p.root / "checkpoints" / "student.safetensors").model()
+    scripts = [torch.jit.load(str(art / part / "exported" / "prefill_T16.pt")) for part in ("chunk0", "chunk1")]
+    ids, pos = _padded(list(range(3, 14)))
+    with torch.no_grad():
+        h = scripts[0](ids, pos)[0]
+        torch.testing.assert_close(scripts[1](h, pos)[0], whole.prefill(ids, pos)[0], atol=1e-5, rtol=1e-5)
+
+
 def test_a_lying_header_of_a_parted_checkpoint_is_one_error_line(parted_project, tmp_path):
     """The parts are planned from the header before any step: offsets beyond the file are refused, naming the
     file and the tensor, and nothing is built."""
