@@ -69,14 +69,24 @@ def _contract(model: dict, name: str) -> dict | None:
     return {"T": T, "outputs": outputs, "inputs": [{"name": "input_ids", "shape": [1, q]}]}
 
 
+LEAF = re.compile(r"^[^.]+\.(prefill|decode)\.T(\d+)(\.[^.]+)?$")  # <model>.<mode>.T<n>[.<part>]
+
+
+def _unit(name: str) -> str:
+    """The folder under artifacts/ of a model-wide task's model, or of its part (``<model>.<part>``)."""
+    return "/".join(name.split(".")) + "/coreml/"
+
+
 def _shapes(model: dict, run: dict, step: str, name: str) -> dict | None:
-    """contract_shapes of what a verify_coreml task runs: its leaf, or every leaf of the model (a bundle's check)."""
-    if step != "verify_coreml":
+    """contract_shapes of what a verify_coreml task runs: its leaf, or every leaf of the model (a bundle's check).
+    None for a part's (its contract, of its own layers, is not rebuilt here)."""
+    leaf = LEAF.match(name)
+    if step != "verify_coreml" or (leaf[3] if leaf else "." in name):
         return None
-    if ".T" in name:
+    if leaf:
         leaves = [name]
     else:
-        leaves = [f"{name}.{m[1]}.T{m[2]}" for rel in run["packages"] if rel.startswith(f"{name}/coreml/")
+        leaves = [f"{name}.{m[1]}.T{m[2]}" for rel in run["packages"] if rel.startswith(_unit(name))
                   and (m := re.search(r"/(prefill|decode)_T(\d+)\.mlpackage$", rel))]
     contracts = [_contract(model, leaf) for leaf in leaves]
     return None if None in contracts else contract_shapes(contracts)
@@ -84,10 +94,9 @@ def _shapes(model: dict, run: dict, step: str, name: str) -> dict | None:
 
 def _largest_T(run: dict, name: str) -> int | None:
     """A leaf's T; for a model-wide task (a bundle, its check), the largest T of the model's leaves."""
-    if ".T" in name:
-        return int(name.rsplit(".T", 1)[-1])
-    model = name.split(".")[0]
-    Ts = [int(m[1]) for rel in run["packages"] if rel.startswith(f"{model}/coreml/") and (m := re.search(r"_T(\d+)", rel))]
+    if LEAF.match(name):
+        return int(LEAF.match(name)[2])
+    Ts = [int(m[1]) for rel in run["packages"] if rel.startswith(_unit(name)) and (m := re.search(r"_T(\d+)", rel))]
     return max(Ts, default=None)
 
 
@@ -95,8 +104,7 @@ def _largest(run: dict, step: str, name: str, input_bytes: int) -> int:
     """The largest thing a task read: for a bundle, the largest package of its model (the leaves it merges)."""
     if step != "bundle_coreml":
         return input_bytes
-    model = name.split(".")[0]
-    leaves = [p["bytes"] for rel, p in run["packages"].items() if rel.startswith(f"{model}/coreml/")]
+    leaves = [p["bytes"] for rel, p in run["packages"].items() if rel.startswith(_unit(name))]
     return max(leaves, default=input_bytes)
 
 
