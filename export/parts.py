@@ -180,6 +180,21 @@ def checkpoint_files(path: Path) -> list[Path]:
     return [path / "config.json", path / SINGLE_FILE]
 
 
+def files_for(path: Path | str, tensors) -> list[Path]:
+    """The files of the checkpoint at ``path`` a reader of ``tensors`` alone needs: of a sharded folder, its
+    config.json, its index and the shards that hold them (a program of a part refers to its own tensors only);
+    of any other checkpoint, and when the index does not name one of them, every file."""
+    path = Path(path)
+    files = checkpoint_files(path)
+    index = path / INDEX_FILE
+    if not path.is_dir() or not index.is_file() or (path / SINGLE_FILE).exists():
+        return files
+    wmap = _weight_map(index)
+    if any(t not in wmap for t in tensors):
+        return files
+    return [path / "config.json", index, *(path / s for s in sorted({wmap[t] for t in tensors}))]
+
+
 def _weight_map(index: Path) -> dict[str, str]:
     try:
         data = json.loads(index.read_text())

@@ -326,6 +326,39 @@ def test_part_program_needs_its_own_tensors_only(tmp_path):
             assert e.value.field == f"state_dict.{name}"
 
 
+def test_part_of_a_sharded_checkpoint_reads_its_own_shards(tmp_path):
+    """A part of a sharded transformers folder: its .pt2 refers to tensors in several shards; a worker given the
+    config, the index and only those shards (what the Dask path ships, export/planner/tasks.py _weight_inputs)
+    loads it, every weight bit for bit the self-contained program's."""
+    import shutil
+
+    from export import export_pytorch, program_weights
+    from export.planner.tasks import _weight_inputs
+
+    folder = _llama(tmp_path, "qwen2", shard="20KB")
+    info = parts.index(folder)
+    plan = {q.name: q for q in parts.plan(_model(PartsConfig(chunks=2, head_part=True), "hf-causal-lm"), info, file="p")}
+    part = {**plan["chunk1"].to_json(), "digest": "0" * 32}
+    for external in (False, True):
+        export_pytorch.export_part(folder, part, tmp_path / f"e{external}", model_name="q", mode="prefill", T=T,
+                                   formats=["exported_program"], external_weights=external)
+    pt2 = tmp_path / "eTrue" / f"prefill_T{T}.pt2"
+    files = _weight_inputs({"weights": str(folder), "exported": str(pt2)})
+    shards = [f for f in files if f.name.endswith(".safetensors")]
+    every = parts.checkpoint_files(folder)
+    assert files[:2] == [folder / "config.json", folder / parts.INDEX_FILE]
+    assert 1 < len(shards) < len(every) - 2, (shards, every)  # several shards, not all of them
+    worker = tmp_path / "worker"
+    worker.mkdir()
+    for f in files:
+        shutil.copy(f, worker / f.name)
+    back = program_weights.load(pt2, worker)
+    full = program_weights.load(tmp_path / "eFalse" / f"prefill_T{T}.pt2")
+    assert back.state_dict.keys() == full.state_dict.keys()
+    for k, t in full.state_dict.items():
+        assert torch.equal(t, back.state_dict[k]), k
+
+
 # --- a real build ------------------------------------------------------------------------------------------
 
 PARTED = 'chunks = 2\nhead_part = true\nhead_split = 24'

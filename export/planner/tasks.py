@@ -438,8 +438,17 @@ def _package_inputs(kwargs: dict) -> list[str]:
 
 
 def _weight_inputs(kwargs: dict) -> list[Path]:
-    """The checkpoint files a step reads the program's weights from (shipped to a Dask worker with its inputs)."""
-    return checkpoint_files.input_files(kwargs["weights"]) if "weights" in kwargs else []
+    """The checkpoint files a step reads the program's weights from (shipped to a Dask worker with its inputs):
+    of a sharded checkpoint, only the shards holding the tensors the program refers to (a part's own,
+    export/weight_refs.py), besides its config and index."""
+    from ..weight_refs import read
+
+    if "weights" not in kwargs:
+        return []
+    refs = read(kwargs["exported"]) if "exported" in kwargs else None
+    if not refs:
+        return checkpoint_files.input_files(kwargs["weights"])
+    return parts_mod.files_for(kwargs["weights"], sorted({r["tensor"] for r in refs.get("tensors", {}).values()}))
 
 
 def input_sizes(kwargs: dict, inputs: list[str]) -> list[int]:
