@@ -187,7 +187,7 @@ def parse(table: object, *, root: Path, file: Path) -> Config:
     recipes = parse_recipes(table.get("recipes", {}), file=file, name_pattern=NAME)
     models, seen = [], {}
     for i, raw in enumerate(models_raw):
-        m = _model(raw, i, sets=sets, sets_file=sets_file, file=file, recipes=recipes)
+        m = _model(raw, i, sets=sets, sets_file=sets_file, file=file, recipes=recipes, root=root)
         if m.name in seen:
             raise ExportError(f"duplicate model name {m.name!r} (also models[{seen[m.name]}])", file=file, field=f"tool.export.models[{i}].name")
         # names become folder names: macOS's case-insensitive disks, where the artifacts are opened, merge these
@@ -294,7 +294,7 @@ def _cache(raw, *, root: Path, file) -> CacheConfig:
     return CacheConfig(local=local, remote=remote, read_only=read_only)
 
 
-def _model(raw, i, *, sets, sets_file, file, recipes=None) -> ModelConfig:
+def _model(raw, i, *, sets, sets_file, file, recipes=None, root: Path | None = None) -> ModelConfig:
     at = f"tool.export.models[{i}]"
     _expect(raw, dict, file=file, field=at, what="a table")
     unknown = sorted(set(raw) - MODEL_KEYS)
@@ -343,14 +343,17 @@ def _model(raw, i, *, sets, sets_file, file, recipes=None) -> ModelConfig:
     device_limits = _expect(raw.get("device_limits", "warn"), str, file=file, field=f"{at}.device_limits")
     if device_limits not in DEVICE_LIMITS:
         raise ExportError(f"expected one of {list(DEVICE_LIMITS)}, got {device_limits!r}", file=file, field=f"{at}.device_limits")
-    parts = _parts(raw, at, arch=arch, checkpoint=checkpoint, file=file)
+    parts = _parts(raw, at, arch=arch, checkpoint=checkpoint, file=file, root=root)
     return ModelConfig(name=name, architecture=arch, checkpoint=checkpoint, shape_set=set_name, modes=modes,
                        enumerated_T=enumerated, formats=formats, convert_from=convert_from, dtype=dtype, coreml=coreml,
                        recipes=chosen_recipes, metadata=_metadata(raw.get("metadata", {}), f"{at}.metadata", file=file),
                        parts=parts, index=i, device_limits=device_limits)
 
 
-def _parts(raw, at, *, arch: str, checkpoint: str, file) -> PartsConfig | None:
+SINGLE_FILE_CHECKPOINTS = (".pt", ".pth", ".bin", ".ckpt", ".pkl")  # torch.save files: no header to read parts from
+
+
+def _parts(raw, at, *, arch: str, checkpoint: str, file, root: Path | None = None) -> PartsConfig | None:
     """``chunks``/``max_part_mb``/``embed_part``/``head_part``/``head_split``: the model's parts. What needs the
     checkpoint (its layer count, its tensors' sizes) is checked by export/parts.py before any step runs."""
     given = [k for k in PART_KEYS if k in raw]
@@ -360,7 +363,11 @@ def _parts(raw, at, *, arch: str, checkpoint: str, file) -> PartsConfig | None:
     if arch not in PART_ARCHITECTURES:
         raise ExportError(f"architecture {arch!r} is not a decoder LM that can be cut into parts (those are "
                           f"{list(PART_ARCHITECTURES)})", file=file, field=first)
-    if checkpoint == "demo" or not (checkpoint.endswith(".safetensors") or "." not in Path(checkpoint).name):
+    # a model folder may have dots in its name (Qwen2.5-0.5B, Llama-3.2-1B): a folder is one that is there, or,
+    # not there yet, a name without a torch file's suffix
+    path = Path(checkpoint) if root is None else root / checkpoint
+    folder = path.is_dir() or (not path.exists() and path.suffix.lower() not in SINGLE_FILE_CHECKPOINTS)
+    if checkpoint == "demo" or not (checkpoint.endswith(".safetensors") or folder):
         raise ExportError(f"a parted model needs a safetensors checkpoint (a .safetensors file or a model folder): its "
                           f"parts are keyed and loaded tensor by tensor from the header, got {checkpoint!r}",
                           file=file, field=first)

@@ -101,20 +101,25 @@ CONTRACT_SCHEMA = {
         **_ENTRY_PROPS,
     },
 }
+# What a model's aggregate contract (one part's, or an unparted model's) and its chain contract share.
+_MODEL_HEAD = {
+    "schema": {"const": SCHEMA},
+    "schema_version": {"const": SCHEMA_VERSION},
+    "model": {"type": "string"},
+    "architecture": {"type": "string"},
+    "enumerated_T": {"type": "object", "additionalProperties": {"type": "array", "items": _T}},
+}
+_SHIPPED_FILES = {"type": "object", "additionalProperties": {  # files shipped beside the bundle (a tokenizer)
+    "type": "object", "required": ["file", "digest"], "additionalProperties": False,
+    "properties": {"file": {"type": "string"}, "digest": {"type": "string"}}}}
 AGGREGATE_SCHEMA = {
     "type": "object",
     "required": ["schema", "schema_version", "model", "architecture", "enumerated_T", "functions"],
     "properties": {
-        "schema": {"const": SCHEMA},
-        "schema_version": {"const": SCHEMA_VERSION},
-        "model": {"type": "string"},
-        "architecture": {"type": "string"},
-        "enumerated_T": {"type": "object", "additionalProperties": {"type": "array", "items": _T}},
+        **_MODEL_HEAD,
         "functions": {"type": "object", "additionalProperties": CONTRACT_SCHEMA},
         "part": _PART,
-        "files": {"type": "object", "additionalProperties": {  # files shipped beside the bundle (a tokenizer)
-            "type": "object", "required": ["file", "digest"], "additionalProperties": False,
-            "properties": {"file": {"type": "string"}, "digest": {"type": "string"}}}},
+        "files": _SHIPPED_FILES,
     },
 }
 
@@ -124,11 +129,7 @@ CHAIN_SCHEMA = {
     "required": ["schema", "schema_version", "model", "architecture", "enumerated_T", "chain"],
     "additionalProperties": False,
     "properties": {
-        "schema": {"const": SCHEMA},
-        "schema_version": {"const": SCHEMA_VERSION},
-        "model": {"type": "string"},
-        "architecture": {"type": "string"},
-        "enumerated_T": {"type": "object", "additionalProperties": {"type": "array", "items": _T}},
+        **_MODEL_HEAD,
         "chain": {"type": "array", "minItems": 1, "items": {
             "type": "object", "required": ["part", "bundle", "contract", "layers", "modes", "feeds", "kv_layers"],
             "additionalProperties": False,
@@ -142,7 +143,7 @@ CHAIN_SCHEMA = {
                 "kv_layers": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "integer"}}},
                 "logits": {"type": "array"},
             }}},
-        "files": AGGREGATE_SCHEMA["properties"]["files"],
+        "files": _SHIPPED_FILES,
     },
 }
 

@@ -34,6 +34,8 @@ def _points() -> list[dict]:
         if "runs" not in data:  # scale-write-*: a model written, nothing built
             continue
         for label, run in data["runs"].items():
+            if label == "reference":  # --compare REF: another checkout's steps, not the ones this ledger estimates
+                continue
             for task, rec in run["tasks"].items():
                 if rec.get("status") != "built" or not rec.get("peak_mb") or not rec.get("input_bytes"):
                     continue
@@ -124,16 +126,7 @@ def test_there_are_measurements_at_size_for_every_heavy_step():
     assert any(p["parameters"] < LARGE for p in POINTS), "no demo build recorded (bench_scale.py --model demo)"
 
 
-# An export that ran in the worker right after a 0.5B T512 check, which left ~3.4 GB in the worker (its torch
-# module graph waits for the cycle collector; glibc keeps freed heap): the check now collects and trims after
-# itself (export/runner/steps/verify_coreml.py); a new measurement of this order supersedes the point, and
-# then this entry goes (strict: a passing point fails here).
-LEFT_BY_VERIFY = {"scale-qwen2.5-0.5b-20261129-072053.json checkout export_pytorch:qwen2_5-0_5b.prefill.T2048"}
-
-
-@pytest.mark.parametrize("point", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="measured after a check that "
-                                                "left memory in the worker")) if p["where"] in LEFT_BY_VERIFY else p
-                                   for p in POINTS], ids=[p["where"] for p in POINTS])
+@pytest.mark.parametrize("point", POINTS, ids=[p["where"] for p in POINTS])
 def test_estimate_within_its_band(point):
     est = STEPS[point["step"]].need_mb(point["input_bytes"], point["largest"], point.get("shapes"))
     peak = point["peak_mb"]

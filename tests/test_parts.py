@@ -228,7 +228,8 @@ def test_bad_part_config_is_one_error_line(parted_project, tmp_path, extra, fiel
 
 
 @pytest.mark.parametrize("checkpoint_line,words", [("demo", "safetensors checkpoint"),
-                                                    ("checkpoints/student.pt", "safetensors checkpoint")])
+                                                    ("checkpoints/student.pt", "safetensors checkpoint"),
+                                                    ("checkpoints/model.bin", "safetensors checkpoint")])
 def test_parted_model_needs_a_safetensors_checkpoint(tmp_path, checkpoint_line, words):
     table = {"models": [{"name": "s", "architecture": "student", "checkpoint": checkpoint_line, "shape_set": "t",
                          "chunks": 2}]}
@@ -239,6 +240,19 @@ def test_parted_model_needs_a_safetensors_checkpoint(tmp_path, checkpoint_line, 
     table["models"][0].update(architecture="judge", checkpoint="j.safetensors")
     with pytest.raises(ExportError, match="not a decoder LM"):
         config_mod.parse(table, root=tmp_path, file=tmp_path / "pyproject.toml")
+
+
+@pytest.mark.parametrize("folder", ["Llama-3.2-1B", "Qwen2.5-0.5B-Instruct", "not-there-yet-2.5"])
+def test_a_model_folder_with_dots_in_its_name_can_be_parted(tmp_path, folder):
+    # Hugging Face's folders are named after the model, dots and all; a folder that is not there yet is judged by
+    # its name's suffix, and the missing checkpoint is reported where checkpoints are read
+    if folder != "not-there-yet-2.5":
+        (tmp_path / folder).mkdir()
+    (tmp_path / "shape_sets.json").write_text(json.dumps({"t": {"prefill": [16], "decode": [16]}}))
+    table = {"models": [{"name": "s", "architecture": "hf-causal-lm", "checkpoint": folder, "shape_set": "t",
+                         "chunks": 2}]}
+    cfg = config_mod.parse(table, root=tmp_path, file=tmp_path / "pyproject.toml")
+    assert cfg.models[0].parts is not None
 
 
 def test_a_model_without_part_keys_is_not_parted(tmp_path):

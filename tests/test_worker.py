@@ -53,3 +53,43 @@ def test_the_worker_dies_with_a_sigkilled_parent(tmp_path):
         assert not _alive(worker_pid), "the worker outlived its parent"
     finally:
         os.kill(holder_pid, signal.SIGKILL)
+
+
+LEFTOVERS = textwrap.dedent("""
+    import json, os, sys
+    from pathlib import Path
+    from export.runner import worker
+    exported, out = Path(sys.argv[1]), Path(sys.argv[2])
+    w = worker._Worker(out / "worker.log")
+    seen = []
+    for i in range(2):  # two steps in one living worker: nothing of the first is left when the second ends
+        status, value = w.call(("convert_coreml", {
+            "exported": str(exported / "prefill_T8.pt2"), "contract": str(exported / "prefill_T8.contract.json"),
+            "out": str(out / f"p{i}.mlpackage"), "options": {}}, str(out / f"step{i}.log")))
+        assert status == "ok", value
+        seen.append(sorted(os.listdir(os.environ["TMPDIR"])))
+    print(json.dumps(seen), flush=True)
+    w.close()
+""")
+
+
+def test_what_a_step_leaves_in_the_tmpdir_goes_with_the_step(exported, tmp_path):
+    # coremltools keeps each converted program in a tmp*.mlpackage until its process exits (a 0.5B model's is
+    # 943 MB); a worker lives for the whole build, so the step's own TMPDIR (export/runner/scratch.py) takes them
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    (tmp / "tmpnotours.mlpackage").mkdir()  # a folder the build did not make stays
+    killed = tmp / "model-export-step-tmp-convert_coreml-dead0000"  # a killed worker's: marked, unlocked
+    killed.mkdir()
+    (killed / ".model-export-scratch").write_text("1\n")
+    (killed / "tmpleft.mlpackage").mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    r = subprocess.run([sys.executable, "-c", LEFTOVERS, str(exported[("student", "fp32")]), str(out)], cwd=REPO,
+                       env={**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(REPO)}, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    assert json.loads(r.stdout.splitlines()[-1]) == [["tmpnotours.mlpackage"], ["tmpnotours.mlpackage"]]
+    assert (out / "p0.mlpackage").is_dir() and (out / "p1.mlpackage").is_dir()

@@ -22,19 +22,18 @@ the step starting again on another worker. Workers are named by their ``--name``
 
 A worker's scratch folder (``model-export-step-<task>-*`` in its TMPDIR) is
 locked (``flock``) while its step runs; a SIGKILLed worker cannot remove its
-own, so every step first removes the unlocked ones it finds (``sweep_scratch``).
+own, so every step first removes the unlocked ones it finds (``sweep_scratch``,
+export/runner/scratch.py).
 
 Nothing here imports torch or coremltools; ``distributed`` is imported only when
 a scheduler is configured.
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import socket
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -42,14 +41,13 @@ from pathlib import Path
 
 from .. import settings
 from ..errors import ExportError
+from .scratch import SCRATCH_MARK, SCRATCH_PREFIX, make_scratch, sweep_scratch  # noqa: F401  (the tests' names too)
 
 RESOURCE = "MEMORY_MB"
 ROOT = "@root/"  # a project path in a request: relative to the planner's root, rebased by the worker
 LOG_LIMIT = 256 * 1024  # the tail of a step's log a worker sends back
 CONNECT_TIMEOUT = "30s"
 EVENTS = "model-export"  # the Dask event topic a worker announces each step's start on
-SCRATCH_PREFIX = "model-export-step-"
-SCRATCH_MARK = ".model-export-scratch"  # in every scratch folder: the sweep removes no folder without it
 
 
 # --- the planner side ------------------------------------------------------------------------
@@ -247,49 +245,6 @@ def _announce(request: dict) -> None:
                              "address": w.address})  # (the scheduler sets "worker" to the address)
     except Exception:  # not on a Dask worker (a test calls execute directly): nobody to tell
         pass
-
-
-def make_scratch(task: str) -> tuple[str, int]:
-    """A scratch folder for one step, and the descriptor that holds its lock while the step runs (close it after
-    removing the folder). Made under another name and renamed once locked, so that no sweep sees it unlocked."""
-    staging = tempfile.mkdtemp(prefix=".model-export-new-")
-    fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    with open(os.path.join(staging, SCRATCH_MARK), "w") as f:
-        f.write(f"{os.getpid()}\n")
-    final = os.path.join(os.path.dirname(staging), f"{SCRATCH_PREFIX}{task.replace(':', '__')}-{uuid.uuid4().hex[:8]}")
-    os.rename(staging, final)  # the lock belongs to the folder, not to its name
-    return final, fd
-
-
-def sweep_scratch(base: str | None = None) -> list[str]:
-    """Remove the scratch folders under ``base`` (the TMPDIR) whose step is no longer running: the worker that
-    made one was killed before it could remove it (nothing else releases its lock). Returns the removed paths."""
-    base = base or tempfile.gettempdir()
-    removed = []
-    try:
-        entries = list(os.scandir(base))
-    except OSError:
-        return removed
-    for entry in entries:
-        if not entry.name.startswith(SCRATCH_PREFIX) or not entry.is_dir(follow_symlinks=False):
-            continue
-        if not os.path.isfile(os.path.join(entry.path, SCRATCH_MARK)):
-            continue  # not one of ours
-        try:
-            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # its step is running
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(entry.path)
-        finally:
-            os.close(fd)
-    return removed
 
 
 def _tail(path: Path) -> str:

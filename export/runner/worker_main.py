@@ -13,6 +13,7 @@ import traceback
 
 from ..errors import ExportError
 from ..stepdefs import STEPS
+from .scratch import step_tempdir
 from .worker import StepFailed
 
 
@@ -26,7 +27,8 @@ def _execute(step: str, kwargs: dict, log: str):
     os.close(fd)
     try:
         _reset_peak()
-        importlib.import_module(STEPS[step].module).run(**kwargs)
+        with step_tempdir(step):  # what the libraries leave in the TMPDIR goes with the step (export/runner/scratch.py)
+            importlib.import_module(STEPS[step].module).run(**kwargs)
         return {"peak_mb": _peak_mb()}
     except ExportError:
         raise
