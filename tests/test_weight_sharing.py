@@ -224,3 +224,38 @@ def test_weight_file_limit_per_platform():
     ios = device_problems(figures, "iOS18")
     assert len(ios) == 1 and ios[0]["limit"] == 1 << 30 and "function main" in ios[0]["line"]
     assert device_problems(figures, "macOS15") == []
+
+
+def _publish(cache_dir: str, root: str, rel: str, start) -> None:
+    from export.cache.store import Cache
+
+    start.wait()
+    Cache(cache_dir, log=lambda *_: None).put(f"key-{rel[1]}", Path(root), [rel], {"task": rel}, adopt=True)
+
+
+def test_parallel_steps_publishing_the_same_bytes_share_one_blob(tmp_path):
+    """`doit -n 2`: two conversions of one part (identical weight.bin) publish at the same moment; every output
+    must end up a hardlink of the one blob the cache keeps (a second blob installed over the first left the
+    first step's file a copy of its own: one more copy of a part's weights, 1 GB at 1B)."""
+    import multiprocessing
+
+    data = os.urandom(1 << 20) * 48  # 48 MB: a copy long enough for the publishers to overlap
+    root = tmp_path / "artifacts"
+    names = [f"p{i}/weight.bin" for i in range(4)]
+    for rel in names:
+        (root / rel).parent.mkdir(parents=True)
+        (root / rel).write_bytes(data)
+    cache = tmp_path / "cache"
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Barrier(len(names))
+    procs = [ctx.Process(target=_publish, args=(str(cache), str(root), rel, start)) for rel in names]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    blobs = [p for p in (cache / "cas").rglob("*") if p.is_file()]
+    assert len(blobs) == 1
+    for rel in names:
+        assert os.path.samestat((root / rel).stat(), blobs[0].stat()), rel
+    assert blobs[0].stat().st_nlink == len(names) + 1

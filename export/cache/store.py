@@ -308,7 +308,13 @@ class Cache:
                 copied, size = _copy_hashing(f, tmp)
             if copied != digest:
                 raise _Bad(f"{src} changed while it was being cached")
-            self._install(tmp, blob, 0o444)
+            os.chmod(tmp, 0o444)
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            try:  # never over a blob another step published meanwhile (parallel steps with the same bytes): the
+                os.link(tmp, blob)  # outputs it adopted are hardlinks to that one, which must stay the cache's
+            except FileExistsError:
+                if not (blob.is_file() and not blob.is_symlink() and file_digest(blob) == digest):
+                    os.replace(tmp, blob)  # an altered blob: src's bytes replace it
         finally:
             tmp.unlink(missing_ok=True)
         return digest, size
