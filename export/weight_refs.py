@@ -32,15 +32,21 @@ def read(path: Path | str) -> dict | None:
         return None
 
 
-def external_bytes(path: Path | str) -> int:
-    """The bytes of the weights the archive at ``path`` reads from its checkpoint (0 if self-contained)."""
+def external_sizes(path: Path | str) -> list[int]:
+    """The bytes of each weight the archive at ``path`` reads from its checkpoint, once each ([] if
+    self-contained): the planner's memory estimate weighs the largest one on its own (export/stepdefs.py)."""
     refs = read(path)
     if not refs:
-        return 0
-    seen, total = set(), 0
+        return []
+    seen, sizes = set(), []
     for r in refs.get("tensors", {}).values():
         key = (r["tensor"], r["dtype"], tuple(r.get("rows") or ()))  # a split head's pieces: rows of one tensor
         if key not in seen:
             seen.add(key)
-            total += int(r.get("nbytes", 0))
-    return total
+            sizes.append(int(r.get("nbytes", 0)))
+    return sizes
+
+
+def external_bytes(path: Path | str) -> int:
+    """The bytes of the weights the archive at ``path`` reads from its checkpoint (0 if self-contained)."""
+    return sum(external_sizes(path))

@@ -452,15 +452,15 @@ def _weight_inputs(kwargs: dict) -> list[Path]:
 
 
 def input_sizes(kwargs: dict, inputs: list[str]) -> list[int]:
-    """The bytes of each thing a step reads: its input files, the packages a bundle merges, and the weights a
-    program reads from its checkpoint (export/weight_refs.py: the bytes it refers to, not the whole checkpoint)."""
-    from ..weight_refs import external_bytes
+    """The bytes of each thing a step reads: its input files, the packages a bundle merges, and each weight a
+    program reads from its checkpoint (export/weight_refs.py: the tensors it refers to, not the whole checkpoint)."""
+    from ..weight_refs import external_sizes
 
     data = [_size(S.config.root / rel) for rel in inputs if (S.config.root / rel).exists()]
     if "part" in kwargs:  # a part's export reads its own tensors, not the whole checkpoint (export/parts.py)
         data.append(int(kwargs["part"].get("bytes", 0)))
-    if "weights" in kwargs and "exported" in kwargs:
-        data.append(external_bytes(kwargs["exported"]))
+    if "weights" in kwargs and "exported" in kwargs:  # each tensor on its own: the largest weighs more
+        data.extend(external_sizes(kwargs["exported"]))
     return data + [_size(Path(p)) for p in _package_inputs(kwargs) if Path(p).exists()]
 
 
