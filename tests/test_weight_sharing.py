@@ -295,3 +295,5 @@ def test_ios18_leaves_share_one_weight_file(tiny_built, tmp_path):
         assert json.loads((art / "coreml" / f"{leaf}.verify.json").read_text())["ok"], leaf
     verdict = json.loads((art / "student.verify.json").read_text())["functions"]
     assert sorted(verdict) == sorted(leaves) and all(v["ok"] for v in verdict.values())
+    p.doit("nightly")  # the same bytes again
+    assert json.loads((p.root / "artifacts" / "nightly.json").read_text())["non_reproducible"] == []
