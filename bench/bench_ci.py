@@ -5,7 +5,7 @@
 
 For each commit: ``git clone`` of this repository into a temporary folder, ``./dev setup`` there
 (a new .venv, as CI makes it), then every ``./dev test ...`` line of that clone's ``.ci/run``, in
-order, with ``CI=true`` as CI runs it. Recorded per step: wall seconds, pytest's counts (passed,
+order, with ``CI=true`` and the variables .ci/run exports, as CI runs it. Recorded per step: wall seconds, pytest's counts (passed,
 skipped, xfailed, ...), the load average before and after and sampled every 15 s while it ran,
 the memory available; and the machine (cores, memory) and versions. The JSON goes to
 bench/results/ci-*.json, each step's whole output beside the clones (--workdir). A step that
@@ -112,6 +112,16 @@ def ci_steps(clone: Path) -> list[str]:
             if line.strip().startswith("./dev test")]
 
 
+def ci_exports(clone: Path) -> dict[str, str]:
+    """The variables the clone's .ci/run exports with a plain ``export NAME=VALUE`` (REQUIRE_CHROMIUM)."""
+    found = {}
+    for line in (clone / ".ci" / "run").read_text().splitlines():
+        m = re.fullmatch(r"export ([A-Za-z_][A-Za-z0-9_]*)=(\S*)", line.strip())
+        if m:
+            found[m[1]] = m[2]
+    return found
+
+
 def bench_rev(rev: str, workdir: Path, keep: bool) -> dict:
     clone = workdir / f"ci-{re.sub(r'[^A-Za-z0-9_.-]', '_', rev)}"
     subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
@@ -121,6 +131,7 @@ def bench_rev(rev: str, workdir: Path, keep: bool) -> dict:
     print(f"{rev} ({commit[:10]}) in {clone}", file=sys.stderr, flush=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_EXPORT_", "PYTEST_", "VIRTUAL_ENV"))}
     env["CI"] = "true"
+    env.update(ci_exports(clone))
     steps = [run_step("setup", "./dev setup", clone, env, workdir / f"{clone.name}-setup.log")]
     for i, cmd in enumerate(ci_steps(clone), 1):
         if steps[-1]["exit"] != 0:

@@ -24,12 +24,13 @@ The suite runs on two pytest-xdist workers (``.ci/run``: ``-n 2 --dist loadgroup
   never build in ``.project`` itself. Another kind of project: add a fixture with
   ``scenario.build_once`` the same way.
 
-* **Tests that must not run at the same time as each other** (kill trials, timed trials,
-  a full disk, several builds at once): give them one group, e.g.
-  ``pytestmark = pytest.mark.xdist_group("kill")`` (or the mark on one test); a group runs
+* **Tests that must not run at the same time as each other** (timed trials, a full disk,
+  several builds at once): give them one group, e.g.
+  ``pytestmark = pytest.mark.xdist_group("disk")`` (or the mark on one test); a group runs
   on one worker, its tests one after the other, while the other worker goes on with other
-  tests. test_kill.py ("kill"), test_concurrency.py ("concurrency") and test_resources.py
-  ("disk") are such groups. A test that must run with nothing else at all beside it does not
+  tests. test_concurrency.py ("concurrency") and test_resources.py ("disk") are such groups.
+  The kill trials (test_kill.py) are not: each builds and kills in its own copy, its delays
+  follow the build it kills, so two may run at once. A test that must run with nothing else at all beside it does not
   belong in the suite: put it in bench/.
 * **Waiting for a moment of a build:** faults.wait_for_path(proc, root, "glob/of/*.tmp", timeout)
   (inotify: it sees a temporary that lives a millisecond) and faults.wait_for_delay(proc, s);
@@ -39,6 +40,11 @@ The suite runs on two pytest-xdist workers (``.ci/run``: ``-n 2 --dist loadgroup
   module fixture is made once), unless the file says ``pytestmark = pytest.mark.spread``: then
   each test may go to either worker (for files whose tests are many and independent, each
   with its own copy of a built project; a module fixture is then made once per worker).
+* **In what order.** Work units (a group, or one test of a spread file) are handed out longest
+  first, by the seconds recorded in tests/durations.json, so that both workers end together;
+  a unit not in the table goes last. After adding a long test or group, record again:
+  ``./dev test -n 2 --dist loadgroup --record-durations`` (a partial run, e.g. one file,
+  updates only its own units).
 
 * **One file or one test, quickly:** ``./dev test tests/test_plan.py -k restore -n 0``
   (``-n 0``: in this process, no workers; ``-p no:xdist`` works too).
@@ -46,6 +52,7 @@ The suite runs on two pytest-xdist workers (``.ci/run``: ``-n 2 --dist loadgroup
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -276,10 +283,24 @@ def seaweedfs(tmp_path_factory):
 # --- test distribution (pytest-xdist) ------------------------------------------------------
 
 
+DURATIONS = Path(__file__).with_name("durations.json")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--record-durations", action="store_true",
+                     help="write each work unit's seconds (an xdist group, or a spread test) to tests/durations.json "
+                          "(with -n N --dist loadgroup)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "spread: the tests of this file may run on any xdist worker, each on its own")
     if not config.pluginmanager.hasplugin("xdist"):  # -p no:xdist: the groups are still marks pytest knows
         config.addinivalue_line("markers", "xdist_group(name): tests run one after the other on one xdist worker")
+    elif getattr(config.option, "dist", None) == "loadgroup":
+        # xdist hands out the work units (groups, and spread tests one by one) in collection order, which
+        # pytest_collection_modifyitems below sets from tests/durations.json, the longest first; its own
+        # reordering (by the number of tests in a unit) would undo that.
+        config.option.loadscopereorder = False
 
 
 @pytest.hookimpl(trylast=True)
@@ -303,6 +324,56 @@ def pytest_collection_modifyitems(config, items):
                         for m in item.iter_markers("xdist_group")})
         if names and "@" not in item.nodeid.rpartition("]")[2]:
             item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(names)}")
+    # The longest work units first (recorded seconds, tests/durations.json), so that the two workers end
+    # together instead of one of them starting a long group last. Units not in the table (new tests) go
+    # last, in collection order; the tests of a unit keep their order.
+    seconds = _recorded_durations()
+    order = {}
+    for i, item in enumerate(items):
+        order.setdefault(_unit_of(item.nodeid), (-seconds.get(_unit_of(item.nodeid), 0.0), i))
+    items.sort(key=lambda item: order[_unit_of(item.nodeid)])
+
+
+def _unit_of(nodeid: str) -> str:
+    """The work unit of a test under --dist loadgroup: its group (after ``@``), else the test itself
+    (as xdist's LoadGroupScheduling._split_scope)."""
+    return nodeid.split("@")[-1] if nodeid.rfind("@") > nodeid.rfind("]") else nodeid
+
+
+def _recorded_durations() -> dict[str, float]:
+    try:
+        return {k: float(v) for k, v in json.loads(DURATIONS.read_text())["units"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+_unit_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # on the controller: every worker's reports
+        _unit_seconds[_unit_of(report.nodeid)] = _unit_seconds.get(_unit_of(report.nodeid), 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """``--record-durations``: merge this run's seconds per work unit into tests/durations.json (units this
+    run did not reach keep their old value)."""
+    config = session.config
+    if not config.getoption("record_durations") or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    if getattr(config.option, "dist", None) != "loadgroup" or not _unit_seconds:
+        sys.stderr.write("error: --record-durations: run with -n N --dist loadgroup (the units are xdist's)\n")
+        session.exitstatus = pytest.ExitCode.USAGE_ERROR
+        return
+    units = {**_recorded_durations(), **{k: round(v, 1) for k, v in _unit_seconds.items()}}
+    data = {"about": "seconds of each xdist work unit (group or spread test), setup and teardown included; "
+                     "the suite hands out the longest first (tests/conftest.py). Rewrite with "
+                     "./dev test -n 2 --dist loadgroup --record-durations",
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "units": dict(sorted(units.items(), key=lambda kv: (-kv[1], kv[0])))}
+    tmp = DURATIONS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(DURATIONS)
 
 
 # --- projects built once per run ------------------------------------------------------------

@@ -330,10 +330,10 @@ def test_symlink_inside_an_output_is_not_published(tmp_path):
 # --- writers that die, writers that race ------------------------------------------
 
 PUT_SCRIPT = r"""
-import os, signal, sys, time
+import os, signal, sys
 from pathlib import Path
 import export.cache.store as c
-cache_dir, root, key, mode, go = sys.argv[1:6]
+cache_dir, root, key, mode = sys.argv[1:5]
 if mode == "die-before-manifest":
     real = c.Cache._install
     def install(self, tmp, dst, mode=None):
@@ -347,8 +347,9 @@ elif mode == "die-mid-blob":
             out.write(src.read(4096)); out.flush()
         os.kill(os.getpid(), signal.SIGKILL)
     c._copy_hashing = copy
-while not Path(go).exists():
-    time.sleep(0.001)
+sys.stderr.write("ready\n")  # set up: wait for the test's go (one byte on stdin)
+sys.stderr.flush()
+sys.stdin.read(1)
 logs = []
 cache = c.Cache(cache_dir, os.environ.get("REMOTE") or None, log=logs.append)
 cache.put(key, Path(root), ["art/m.pt", "art/m.mlpackage"], {"task": "t", "seconds": 0.0})
@@ -357,10 +358,23 @@ print("\n".join(logs))
 """
 
 
-def spawn_put(cache_dir: Path, root: Path, key: str, mode: str, go: Path, env: dict | None = None):
-    return subprocess.Popen([sys.executable, "-c", PUT_SCRIPT, str(cache_dir), str(root), key, mode, str(go)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+def spawn_put(cache_dir: Path, root: Path, key: str, mode: str, env: dict | None = None):
+    """A process that publishes ``root``'s outputs as ``key`` once let go (``start``)."""
+    return subprocess.Popen([sys.executable, "-c", PUT_SCRIPT, str(cache_dir), str(root), key, mode],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def start(*procs, together: bool = False) -> None:
+    """Let ``spawn_put`` processes go; ``together``: only once every one of them has started and set up
+    (its "ready" line), so that their puts overlap."""
+    if together:
+        for p in procs:
+            line = p.stderr.readline()
+            assert line == "ready\n", line + p.stderr.read()
+    for p in procs:
+        p.stdin.write("g")
+        p.stdin.flush()
 
 
 def test_two_processes_publishing_the_same_entry_both_succeed(tmp_path):
@@ -368,10 +382,8 @@ def test_two_processes_publishing_the_same_entry_both_succeed(tmp_path):
     weights = os.urandom(16 << 20)  # the same outputs on both "machines", big enough to overlap
     for r in roots:
         (r / "art/m.mlpackage/Data/weights/weight.bin").write_bytes(weights)
-    go = tmp_path / "go"
-    procs = [spawn_put(tmp_path / "cache", r, "k1", "ok", go) for r in roots]
-    time.sleep(0.3)
-    go.touch()
+    procs = [spawn_put(tmp_path / "cache", r, "k1", "ok") for r in roots]
+    start(*procs, together=True)
     for p in procs:
         out, err = p.communicate(timeout=60)
         assert p.returncode == 0 and out.strip() == "", err
@@ -384,9 +396,8 @@ def test_two_processes_publishing_the_same_entry_both_succeed(tmp_path):
 @pytest.mark.parametrize("mode", ["die-before-manifest", "die-mid-blob"])
 def test_a_writer_killed_mid_put_leaves_no_entry(tmp_path, mode):
     a = make_outputs(tmp_path / "a")
-    go = tmp_path / "go"
-    go.touch()
-    p = spawn_put(tmp_path / "cache", a, "k1", mode, go)
+    p = spawn_put(tmp_path / "cache", a, "k1", mode)
+    start(p)
     p.communicate(timeout=60)
     assert p.returncode == -signal.SIGKILL
     cache, logs = new_cache(tmp_path / "cache")
@@ -404,12 +415,11 @@ def test_a_writer_killed_mid_put_leaves_no_entry(tmp_path, mode):
 def test_sigkill_at_random_moments_never_yields_a_bad_entry(tmp_path):
     a = make_outputs(tmp_path / "a")
     (a / "art/m.pt").write_bytes(os.urandom(48 << 20))  # big enough to be killed mid-copy
-    go = tmp_path / "go"
-    go.touch()
     seen = set()
     for i, delay in enumerate((0.15, 0.25, 0.35, 0.5, 0.7)):
         cache_dir = tmp_path / f"cache{i}"
-        p = spawn_put(cache_dir, a, "k1", "ok", go)
+        p = spawn_put(cache_dir, a, "k1", "ok")
+        start(p)  # at once, as before any set-up: the delays count from the spawn
         time.sleep(delay)
         p.send_signal(signal.SIGKILL)
         p.communicate(timeout=60)

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
 
 from export.cache.store import Cache
 from export.digest import file_digest, tree_digest
-from test_cache import OUTS, fresh_bucket, make_outputs, new_cache, remote_cache, spawn_put
+from test_cache import OUTS, fresh_bucket, make_outputs, new_cache, remote_cache, spawn_put, start
 
 # --- a directory as the remote store -------------------------------------------
 
@@ -81,11 +80,9 @@ def test_concurrent_publishing_to_a_remote_directory(tmp_path):
     weights = os.urandom(8 << 20)
     for r in roots:
         (r / "art/m.mlpackage/Data/weights/weight.bin").write_bytes(weights)
-    go = tmp_path / "go"
     env = {"REMOTE": str(tmp_path / "share")}
-    procs = [spawn_put(tmp_path / f"local{i}", r, "k1", "ok", go, env) for i, r in enumerate(roots)]
-    time.sleep(0.3)
-    go.touch()
+    procs = [spawn_put(tmp_path / f"local{i}", r, "k1", "ok", env) for i, r in enumerate(roots)]
+    start(*procs, together=True)
     for p in procs:
         out, err = p.communicate(timeout=60)
         assert p.returncode == 0 and out.strip() == "", err
@@ -140,11 +137,9 @@ def test_s3_concurrent_publishing_from_two_processes(s3, tmp_path):
     weights = os.urandom(4 << 20)
     for r in roots:
         (r / "art/m.mlpackage/Data/weights/weight.bin").write_bytes(weights)
-    go = tmp_path / "go"
-    procs = [spawn_put(tmp_path / f"local{i}", r, "k1", "ok", go, {**env, "REMOTE": url})
+    procs = [spawn_put(tmp_path / f"local{i}", r, "k1", "ok", {**env, "REMOTE": url})
              for i, r in enumerate(roots)]
-    time.sleep(0.5)
-    go.touch()
+    start(*procs, together=True)
     for p in procs:
         out, err = p.communicate(timeout=60)
         assert p.returncode == 0 and out.strip() == "", err

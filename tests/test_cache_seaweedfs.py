@@ -13,7 +13,7 @@ import pytest
 
 from export.cache import Cache
 from export.digest import file_digest, tree_digest
-from test_cache import OUTS, fresh_bucket, make_outputs, remote_cache, spawn_put
+from test_cache import OUTS, fresh_bucket, make_outputs, remote_cache, spawn_put, start
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -61,10 +61,8 @@ def test_two_writers_of_the_same_entry(store, tmp_path):
     weights = os.urandom(4 << 20)
     for r in roots:
         (r / "art/m.mlpackage/Data/weights/weight.bin").write_bytes(weights)
-    go = tmp_path / "go"
-    procs = [spawn_put(tmp_path / f"local{i}", r, "k1", "ok", go, {**env, "REMOTE": url}) for i, r in enumerate(roots)]
-    time.sleep(0.5)
-    go.touch()
+    procs = [spawn_put(tmp_path / f"local{i}", r, "k1", "ok", {**env, "REMOTE": url}) for i, r in enumerate(roots)]
+    start(*procs, together=True)
     for p in procs:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0 and out.strip() == "", out + err  # no warning from either writer

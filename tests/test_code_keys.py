@@ -187,24 +187,37 @@ def doit_script(p: Project, *args, pythonpath: bool = True, check: bool = True) 
     return r
 
 
+def edit_the_manifest_writer(root: Path) -> None:
+    outputs = root / "export" / "runner" / "outputs.py"
+    outputs.write_text(outputs.read_text().replace('body = {"package": package.name,',
+                                                   'body = {"written_by": "an edited writer", "package": package.name,'))
+
+
+@pytest.fixture(scope="module")
+def edited_cold(one_student, tmp_path_factory) -> dict[str, str]:
+    """The artifact digests of a cold build (no artifacts, no state, an empty cache) of ``one_student``
+    with the edited manifest writer: what both runners' incremental builds below must give."""
+    cold = Project(tmp_path_factory.mktemp("codekeys-cold") / "project")
+    shutil.copytree(one_student.root, cold.root, ignore=shutil.ignore_patterns("artifacts", ".export", ".cache"))
+    edit_the_manifest_writer(cold.root)
+    cold.doit()
+    return cold.artifact_digests()
+
+
 @pytest.mark.parametrize("runner", ["python -m doit", "doit"])
-def test_editing_the_manifest_writer_rebuilds_its_steps_and_matches_a_cold_build(one_student, tmp_path, runner):
+def test_editing_the_manifest_writer_rebuilds_its_steps_and_matches_a_cold_build(one_student, edited_cold, tmp_path,
+                                                                                  runner):
     """The finding of the keys issue: a change to how manifests are written must rebuild them."""
     p = one_student.copy(tmp_path / "project")
     build = (lambda: p.doit()) if runner == "python -m doit" else (lambda: doit_script(p))
-    outputs = p.root / "export" / "runner" / "outputs.py"
-    outputs.write_text(outputs.read_text().replace('body = {"package": package.name,',
-                                                   'body = {"written_by": "an edited writer", "package": package.name,'))
+    edit_the_manifest_writer(p.root)
     build()
     converts = {"convert_coreml:student.prefill.T16", "convert_coreml:student.decode.T16", "convert_coreml:judge.prefill.T16"}
     verifies = {"verify_coreml:" + c.split(":")[1] for c in converts} | {"verify_coreml:student", "verify_coreml:judge"}
     assert p.ran() == converts | {"bundle_coreml:student", "bundle_coreml:judge"} | verifies
     manifest = p.root / "artifacts" / "student" / "coreml" / "prefill_T16.mlpackage.manifest.json"
     assert json.loads(manifest.read_text())["written_by"] == "an edited writer"
-    cold = Project(tmp_path / "cold")
-    shutil.copytree(p.root, cold.root, ignore=shutil.ignore_patterns("artifacts", ".export", ".cache"))
-    cold.doit()
-    assert cold.artifact_digests() == p.artifact_digests()
+    assert p.artifact_digests() == edited_cold
     build()
     assert p.ran() == set() and p.restored() == set()
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 import test_cache
+from faults import STEPS as TINY_STEPS
+from faults import create_tiny
 from scenario import Project
 from test_parts import parted_built  # noqa: F401 - the local parted build, shared with tests/test_parts.py
 
@@ -88,6 +90,14 @@ def reference(scenario_built) -> Project:
     return scenario_built.project
 
 
+@pytest.fixture(scope="module")
+def tiny_reference(tiny_built) -> Project:
+    """The tiny project (faults.create_tiny: one student at T 16, both modes; 8 steps) built locally: the
+    nightly builds on the cluster use it, the smallest project whose steps are of every kind but the
+    judge's checkpoint (the killed-worker test below runs that one on the cluster)."""
+    return tiny_built.project
+
+
 def _steps(p: Project) -> dict[str, dict]:
     tasks = json.loads((p.root / "artifacts" / "last_build.json").read_text())["tasks"]
     return {n: rec for n, rec in tasks.items() if n.startswith(STEPS)}
@@ -111,34 +121,34 @@ def _workers(client) -> set[str]:
     return {str(w["name"]) for w in client.scheduler_info(n_workers=-1)["workers"].values()}
 
 
-def test_nightly_on_the_cluster_with_a_directory_store(cluster, reference, tmp_path):
+def test_nightly_on_the_cluster_with_a_directory_store(cluster, tiny_reference, tmp_path):
     address, client, _ = cluster
-    p = Project.create(tmp_path / "project")
+    p = create_tiny(tmp_path / "project")
     r = p.doit("nightly", "--dask", address, env={"MODEL_EXPORT_REMOTE_CACHE": str(tmp_path / "share")})
     assert f"dask: steps run on the cluster at {address} (8 lanes)" in r.stderr
-    assert p.artifact_digests() == reference.artifact_digests()
+    assert p.artifact_digests() == tiny_reference.artifact_digests()
     records = _steps(p)
-    assert len(records) == 23 and all(rec["status"] == "built" for rec in records.values())
+    assert set(records) == TINY_STEPS and all(rec["status"] == "built" for rec in records.values())
     assert {rec["worker"] for rec in records.values()} == _workers(client)  # both workers ran steps
     _assert_memory_limited(records)
     nightly = json.loads((p.root / "artifacts" / "nightly.json").read_text())
     assert nightly["non_reproducible"] == []
-    assert "nightly: 0 reproducible, 0 not reproducible, 23 new to the cache" in r.stdout
+    assert f"nightly: 0 reproducible, 0 not reproducible, {len(TINY_STEPS)} new to the cache" in r.stdout
     # the planner wrote each step's log from what its worker sent back
     log = (p.root / ".export" / "logs" / "convert_coreml__student.prefill.T16.log").read_text()
     assert "MIL" in log and "model-export-step-" not in log
 
 
-def test_nightly_on_the_cluster_with_s3_then_plain_builds_use_it(cluster, reference, tmp_path, s3_env, s3_server):
+def test_nightly_on_the_cluster_with_s3_then_plain_builds_use_it(cluster, tiny_reference, tmp_path, s3_env, s3_server):
     import s3fs
 
     address, client, _ = cluster
     fs = s3fs.S3FileSystem(endpoint_url=s3_server, key="testing", secret="testing", skip_instance_cache=True)
     fs.mkdir("dask-nightly")
     env = {"MODEL_EXPORT_REMOTE_CACHE": "s3://dask-nightly/team/cache", **s3_env}
-    p = Project.create(tmp_path / "project")
+    p = create_tiny(tmp_path / "project")
     p.doit("nightly", "--dask", address, env=env)
-    assert p.artifact_digests() == reference.artifact_digests()
+    assert p.artifact_digests() == tiny_reference.artifact_digests()
     records = _steps(p)
     assert {rec["worker"] for rec in records.values()} == _workers(client)
     _assert_memory_limited(records)
@@ -150,10 +160,10 @@ def test_nightly_on_the_cluster_with_s3_then_plain_builds_use_it(cluster, refere
     assert "(3 lanes)" in r.stderr
     assert p.ran() == set() and p.restored() == set()
     # Another machine, no cluster, an empty local cache: everything comes from S3.
-    q = Project.create(tmp_path / "other")
+    q = create_tiny(tmp_path / "other")
     q.doit(env={**env, "MODEL_EXPORT_CACHE": str(tmp_path / "other-local")})
     assert q.ran() == set()
-    assert q.artifact_digests() == reference.artifact_digests()
+    assert q.artifact_digests() == tiny_reference.artifact_digests()
 
 
 def test_a_step_no_worker_can_hold_fails_at_once(cluster, tmp_path):
