@@ -20,25 +20,28 @@ target (export/coreml/interpreter.py has no ``one_hot``) for a storage detail of
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
-IOS17 = 8  # coremltools._SPECIFICATION_VERSION_IOS_17: the last target that keeps integer constants in the spec
+_LOCK = threading.RLock()  # one patch at a time in a process: a thread's restore never cuts another's conversion short
 
 
 @contextmanager
 def integer_constants_inline():
     """While inside: coremltools' MIL exporter decides weight file or spec as for iOS17 (the same float and
-    8-bit types in the file, integer types of 16 and 32 bits in the spec). Not reentrant across threads:
-    a worker converts one package at a time."""
+    8-bit types in the file, integer types of 16 and 32 bits in the spec). Threads of one process that
+    convert at once take turns (a worker runs one step at a time anyway)."""
+    from coremltools import _SPECIFICATION_VERSION_IOS_17 as IOS17  # the last that keeps them in the spec
     from coremltools.converters.mil.backend.mil import load
 
-    original = load.should_use_weight_file
+    with _LOCK:
+        original = load.should_use_weight_file
 
-    def as_ios17(val, specification_version=IOS17):
-        return original(val, min(specification_version, IOS17))
+        def as_ios17(val, specification_version=IOS17):
+            return original(val, min(specification_version, IOS17))
 
-    load.should_use_weight_file = as_ios17
-    try:
-        yield
-    finally:
-        load.should_use_weight_file = original
+        load.should_use_weight_file = as_ios17
+        try:
+            yield
+        finally:
+            load.should_use_weight_file = original
