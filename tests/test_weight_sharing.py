@@ -261,3 +261,39 @@ def test_parallel_steps_publishing_the_same_bytes_share_one_blob(tmp_path):
     for rel in names:
         assert os.path.samestat((root / rel).stat(), blobs[0].stat()), rel
     assert blobs[0].stat().st_nlink == len(names) + 1
+
+
+def test_ios18_leaves_share_one_weight_file(tiny_built, tmp_path):
+    """iOS18 packages (a stateful decode cache, and a recipe's compressed packages) of one model: every leaf,
+    prefill and each decode T, has the same weight.bin, one inode with its bundle's and the cache's blob.
+    coremltools would put a decode's T-sized int32 slot vector in the weight file from iOS18 on; the
+    conversion keeps integer constants in the spec (export/coreml/weight_file.py)."""
+    from scenario import RECIPES_TOML, export_head, model_toml, project_toml
+
+    p = tiny_built.copy(tmp_path / "p")
+    p.set_shape_sets({"tiny": {"prefill": [16], "decode": [16, 32]}})
+    (p.root / "pyproject.toml").write_text(project_toml(export_head() + RECIPES_TOML + model_toml(
+        "student", "student", "checkpoints/student.pt", "tiny", recipes='["int8"]',
+        coreml='{ minimum_deployment_target = "iOS18", kv_cache = "state" }')))
+    p.doit("-n", "2")
+    art, cache = p.root / "artifacts" / "student", p.root / ".cache"
+    leaves = ("prefill_T16", "decode_T16", "decode_T32")
+    for suffix in ("", ".int8"):
+        files = [art / "coreml" / f"{leaf}{suffix}.mlpackage" / WEIGHT for leaf in leaves]
+        files.append(art / f"student{suffix}.mlpackage" / WEIGHT)
+        st = files[0].stat()
+        assert all(os.path.samestat(st, f.stat()) for f in files), suffix
+        assert os.path.samestat(st, _blob(cache, file_digest(files[0])).stat()), suffix
+    float_w, int8_w = (art / "coreml" / f"decode_T32{s}.mlpackage" / WEIGHT for s in ("", ".int8"))
+    assert int8_w.stat().st_size < float_w.stat().st_size  # the recipe's file: compressed weights
+    from export.coreml.mlpackage import read_spec
+
+    decode = read_spec(art / "coreml" / "decode_T32.mlpackage")
+    assert decode.specificationVersion >= 9 and len(decode.description.state) == 2  # iOS18, stateful
+    # the packages still verify: each leaf against its program, each function of the bundle against its leaf
+    for leaf in leaves:
+        assert json.loads((art / "coreml" / f"{leaf}.verify.json").read_text())["ok"], leaf
+    verdict = json.loads((art / "student.verify.json").read_text())["functions"]
+    assert sorted(verdict) == sorted(leaves) and all(v["ok"] for v in verdict.values())
+    p.doit("nightly")  # the same bytes again
+    assert json.loads((p.root / "artifacts" / "nightly.json").read_text())["non_reproducible"] == []

@@ -24,6 +24,7 @@ from ..recipes import PARTS
 from ..stepdefs import STEPS
 from ..toolchain import versions
 from .mlpackage import METADATA_PREFIX, canonicalize, read_spec
+from .weight_file import integer_constants_inline
 
 # first match wins; what matches none is "default"
 PART_PATTERNS: tuple[tuple[str, re.Pattern], ...] = (
@@ -82,7 +83,7 @@ def apply(mlmodel, recipe: dict):
         setting = recipe["parts"][part]
         if setting["kind"] != "none":
             by_kind[setting["kind"]][name] = _op_config(setting)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), integer_constants_inline():  # the same weight file for every T (weight_file.py)
         warnings.simplefilter("ignore")
         if by_kind["palettize"]:
             mlmodel = cto.palettize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=by_kind["palettize"]))

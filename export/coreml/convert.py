@@ -35,6 +35,7 @@ from ..atomic import atomic_path
 from .checks import check_device_limits, check_finite, check_on_device, check_supported
 from .options import CHOICES, STATEFUL_TARGETS, CoreMLOptions
 from .spec import check_spec
+from .weight_file import integer_constants_inline
 from ..digest import file_digest
 from ..errors import ExportError, cli_errors
 from .mlpackage import METADATA_PREFIX, canonicalize, package_digest
@@ -224,13 +225,15 @@ def convert(exported: Path | str, out: Path | str, contract_path: Path | str,
     _check_matches_contract(exported, fmt, program, c, contract_path)
     check_supported(program, file=exported)
     try:
-        mlmodel = _ct_convert(program, c, opts)
+        with integer_constants_inline():  # every T's leaf gets the same weight file on iOS18 too (weight_file.py)
+            mlmodel = _ct_convert(program, c, opts)
     except ExportError:
         raise
     except Exception as e:  # coremltools raises anything from deep inside; keep its first line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise ExportError(f"coremltools could not convert the program: {type(e).__name__}: {first}", file=exported, field="conversion") from None
-    mlmodel = _compress(mlmodel, opts)
+    with integer_constants_inline():
+        mlmodel = _compress(mlmodel, opts)
     spec = mlmodel.get_spec()
     check_spec(c, spec, file=out)
     check_finite(mlmodel, file=out)
