@@ -57,6 +57,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, TreeSampler, write_result  # noqa: E402
 
+BUDGET_MB: int | None = None  # --memory-budget
 MODELS_DIR = Path(os.environ.get("MODEL_EXPORT_BENCH_MODELS", Path.home() / ".cache" / "model-export-bench"))
 DEFAULT_LEAVES = [f"{m}:{t}" for m in ("prefill", "decode") for t in (512, 1024, 2048, 4096)]
 
@@ -385,6 +386,8 @@ def run_build(checkout: Path, model: str, folder: Path | None, shapes: dict, ext
     make_project(root, checkout, model, folder, shapes, extra, reuse=reuse is not None)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_EXPORT_")}
     env.update(MODEL_EXPORT_CACHE=str(root / ".cache"), PYTHONPATH=str(root) + os.pathsep + env.get("PYTHONPATH", ""))
+    if BUDGET_MB:  # the build's own environment has no MODEL_EXPORT_* but this one (--memory-budget)
+        env["MODEL_EXPORT_MEMORY_BUDGET_MB"] = str(BUDGET_MB)
     py = python_of(checkout)
     cmd = [py, "-m", "doit", *(["-n", str(jobs)] if jobs > 1 else []), *targets]
     log = work / f"build-{label}.log"
@@ -454,6 +457,8 @@ def main(argv=None) -> None:
     ap.add_argument("--config-line", action="append", default=[], metavar="LINE",
                     help="a line added to the model's config (e.g. 'chunks = 4'); repeatable")
     ap.add_argument("-n", type=int, default=1, dest="jobs", help="doit -n")
+    ap.add_argument("--memory-budget", type=int, metavar="MB", help="the build's memory budget (default: the "
+                    "project's, three quarters of the machine); the build sees no other MODEL_EXPORT_* variable")
     ap.add_argument("--targets", nargs="*", default=[], help="doit's targets (default: the whole build)")
     ap.add_argument("--rewrite", action="store_true", help="write the model folder again")
     ap.add_argument("--check", action="store_true", help="(write) check the folder: index, shards, one tensor")
@@ -463,6 +468,8 @@ def main(argv=None) -> None:
                     help="build in this kept project (--keep) with the checkout's code: its artifacts and cache stay, "
                          "only the steps the new code changes run (e.g. verify_coreml after a change of the interpreter)")
     args = ap.parse_args(argv)
+    global BUDGET_MB
+    BUDGET_MB = getattr(args, "memory_budget", None)
 
     if args.model == DEMO:
         if write_only or args.config_line or args.leaves != DEFAULT_LEAVES:
