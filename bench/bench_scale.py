@@ -57,7 +57,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, TreeSampler, write_result  # noqa: E402
 
-BUDGET_MB: int | None = None  # --memory-budget
 MODELS_DIR = Path(os.environ.get("MODEL_EXPORT_BENCH_MODELS", Path.home() / ".cache" / "model-export-bench"))
 DEFAULT_LEAVES = [f"{m}:{t}" for m in ("prefill", "decode") for t in (512, 1024, 2048, 4096)]
 
@@ -380,14 +379,15 @@ def build_record(root: Path) -> dict:
 
 
 def run_build(checkout: Path, model: str, folder: Path | None, shapes: dict, extra: list[str], jobs: int,
-              targets: list[str], work: Path, keep: bool, tag: str | None = None, reuse: Path | None = None) -> dict:
+              targets: list[str], work: Path, keep: bool, tag: str | None = None, reuse: Path | None = None,
+              budget_mb: int | None = None) -> dict:
     label = tag or checkout.name
     root = reuse or work / f"project-{label}"
     make_project(root, checkout, model, folder, shapes, extra, reuse=reuse is not None)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_EXPORT_")}
     env.update(MODEL_EXPORT_CACHE=str(root / ".cache"), PYTHONPATH=str(root) + os.pathsep + env.get("PYTHONPATH", ""))
-    if BUDGET_MB:  # the build's own environment has no MODEL_EXPORT_* but this one (--memory-budget)
-        env["MODEL_EXPORT_MEMORY_BUDGET_MB"] = str(BUDGET_MB)
+    if budget_mb:  # the build's own environment has no MODEL_EXPORT_* but this one (--memory-budget)
+        env["MODEL_EXPORT_MEMORY_BUDGET_MB"] = str(budget_mb)
     py = python_of(checkout)
     cmd = [py, "-m", "doit", *(["-n", str(jobs)] if jobs > 1 else []), *targets]
     log = work / f"build-{label}.log"
@@ -468,8 +468,6 @@ def main(argv=None) -> None:
                     help="build in this kept project (--keep) with the checkout's code: its artifacts and cache stay, "
                          "only the steps the new code changes run (e.g. verify_coreml after a change of the interpreter)")
     args = ap.parse_args(argv)
-    global BUDGET_MB
-    BUDGET_MB = getattr(args, "memory_budget", None)
 
     if args.model == DEMO:
         if write_only or args.config_line or args.leaves != DEFAULT_LEAVES:
@@ -508,7 +506,8 @@ def main(argv=None) -> None:
         for i, co in enumerate(checkouts):
             label = "reference" if args.compare and i == 0 else "checkout"
             runs[label] = run_build(co, args.model, folder, shapes, args.config_line, args.jobs, args.targets, work,
-                                    args.keep, tag=f"{i}-{co.name}", reuse=args.reuse.resolve() if args.reuse else None)
+                                    args.keep, tag=f"{i}-{co.name}", reuse=args.reuse.resolve() if args.reuse else None,
+                                    budget_mb=args.memory_budget)
         data = {"model": {"name": args.model, **SPECS.get(args.model, {}), **model}, "leaves": shapes, "jobs": args.jobs,
                 "targets": args.targets, "runs": runs}
         if args.compare:
