@@ -36,6 +36,7 @@ from .errors import ExportError
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 HEADER_MAX = 100 << 20  # safetensors' own limit on the header's size
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}  # made fp32 when loaded
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "F8_E4M3": 1, "F8_E5M2": 1}
 # transformers model types whose decoder layers chain as export/models/hf_causal_lm.py's parts run them
@@ -178,6 +179,33 @@ def checkpoint_files(path: Path) -> list[Path]:
     if index.is_file() and not (path / SINGLE_FILE).exists():
         return [path / "config.json", index, *(path / s for s in _shards(index))]
     return [path / "config.json", path / SINGLE_FILE]
+
+
+def held_bytes(path: Path | str, tensors=None) -> int | None:
+    """The bytes the tensors named ``tensors`` (all, if None) of the safetensors checkpoint at ``path`` take once
+    an export has loaded them: a module is always made in fp32 (export/checkpoint.py ``load_part``, ``load``), so
+    a bf16 or fp16 checkpoint's floats count 4 bytes per value, twice their size in the file. None for a
+    checkpoint that is not safetensors (a pickle's tensors are not known without torch)."""
+    path = Path(path)
+    try:
+        files = checkpoint_files(path)
+        shards = [f for f in files if f.name != "config.json" and f.name != INDEX_FILE]
+        entries = {}
+        for f in shards:
+            entries.update(read_header(f)[0])
+    except (ExportError, OSError):
+        return None
+    wanted = entries.keys() if tensors is None else tensors
+    total = 0
+    for name in wanted:
+        if name not in entries:
+            return None
+        dtype, shape, a, b = entries[name]
+        numel = 1
+        for d in shape:
+            numel *= d
+        total += numel * 4 if dtype in FLOAT_DTYPES else b - a
+    return total
 
 
 def files_for(path: Path | str, tensors) -> list[Path]:

@@ -26,6 +26,8 @@ class Step:
     need_largest_factor: float | None = None  # the largest input's own factor (None: need_factor)
     need_per_output_value: float = 0.0   # bytes per value of the outputs of one (mode, T) (a T x vocabulary logits)
     need_per_score: float = 0.0          # bytes per attention score of one head's queries x keys (T x T in prefill)
+    uses_held: bool = False              # uses what the worker holds from earlier steps (export/runner/checkpoints.py):
+                                         # the loaded checkpoint or part, the programs kept for their conversion
 
     def tools_for(self, arch: str | None) -> tuple[str, ...]:
         return self.tools + (ARCHITECTURE_TOOLS.get(arch, ()) if self.runs_model_code and arch else ())
@@ -77,13 +79,13 @@ def _numel(shape) -> int:
 STEPS: dict[str, Step] = {s.name: s for s in (
     Step("checkpoint", "export.runner.steps.checkpoint", ("torch",), True, 300, 2, ("checkpoint",)),
     Step("export_pytorch", "export.runner.steps.export_pytorch", ("torch", "numpy"), True, 400, 2,
-         ("exported_program", "torchscript", "contract")),
+         ("exported_program", "torchscript", "contract"), uses_held=True),
     # convert: 500 + 2.2x the weights + 8.5x the largest weight on its own (the embedding table's gather constant
     # is copied over and over: a 1B model's embedding part, one 1 GB tensor, peaked at 8.4-9.4 GB, while a chunk
     # of 4 layers, 0.97 GB in 67 MB tensors, peaked at 2.7 GB; bench/results/scale-llama-3.2-1b-*.json). A
     # self-contained program (TorchScript) is one input: its size counts as the largest (an over-estimate).
     Step("convert_coreml", "export.runner.steps.convert_coreml", ("torch", "coremltools", "numpy"), False, 500, 2.2,
-         ("package", "manifest"), need_largest_factor=8.5),
+         ("package", "manifest"), need_largest_factor=8.5, uses_held=True),
     Step("compress_coreml", "export.runner.steps.compress_coreml", ("torch", "coremltools", "numpy"), False, 500, 4,
          ("package", "manifest", "quality")),
     Step("verify_coreml", "export.runner.steps.verify_coreml", ("torch", "coremltools", "numpy"), False, 500, 2.4,
@@ -93,5 +95,5 @@ STEPS: dict[str, Step] = {s.name: s for s in (
     Step("bundle_coreml", "export.runner.steps.bundle_coreml", ("torch", "coremltools", "numpy"), False, 450, 1.5,
          ("package", "manifest", "contract"), need_largest_factor=3.5),
     Step("export_onnx", "export.runner.steps.export_onnx", ("torch", "onnx", "onnxscript", "onnxruntime", "numpy"), True, 400, 4,
-         ("onnx",)),
+         ("onnx",), uses_held=True),
 )}

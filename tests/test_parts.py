@@ -340,6 +340,52 @@ def test_part_program_needs_its_own_tensors_only(tmp_path):
             assert e.value.field == f"state_dict.{name}"
 
 
+def test_a_worker_drops_the_last_parts_programs_before_it_loads_another(tmp_path):
+    """A worker keeps the part it loaded and the programs it exported from it (for their conversion, in the same
+    worker); loading another part drops both, so that the old part's weights are not held beside the new one's
+    (export/runner/checkpoints.py). The ledger weighs a part's export by its tensors as held, in fp32: a bf16
+    checkpoint's at twice their size in the file (export/parts.py ``held_bytes``)."""
+    import weakref
+
+    from export import export_pytorch
+    from export.runner import checkpoints, programs
+
+    ck = _student(tmp_path)
+    plan = {q.name: q for q in parts.plan(_model(PartsConfig(chunks=2)), parts.index(ck), file="p")}
+    chunk0, chunk1 = ({**plan[n].to_json(), "digest": "0" * 32} for n in ("chunk0", "chunk1"))
+    try:
+        loaded = checkpoints.load_part(str(ck), chunk0)
+        export_pytorch.export_part(ck, chunk0, tmp_path / "e", model_name="student", mode="prefill", T=T,
+                                   formats=["exported_program"], loaded=loaded, keep=programs.PROGRAMS.keep,
+                                   external_weights=True)
+        assert programs.PROGRAMS  # kept for its conversion
+        weight = weakref.ref(next(loaded[2].parameters()))
+        assert checkpoints.load_part(str(ck), chunk0) is loaded and programs.PROGRAMS  # its other leaves: kept
+        del loaded
+        checkpoints.load_part(str(ck), chunk1)
+        assert not programs.PROGRAMS
+        import gc
+
+        gc.collect()
+        assert weight() is None, "chunk0's weights are still held after chunk1 was loaded"
+    finally:
+        checkpoints.forget()
+    # held bytes: fp32 as in the file; a bf16 copy of the same tensors is held at twice its file size
+    from safetensors import safe_open
+
+    with safe_open(str(ck), "pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    cfg = checkpoint.config_from_dict(checkpoint.get("student").config_cls, json.loads(meta["config"]))
+    half = tmp_path / "bf16.safetensors"
+    checkpoint.save(half, "student", cfg, {k: v.to(torch.bfloat16) for k, v in state.items()})
+    names = plan["chunk1"].tensors
+    in_file = sum(r.end - r.start for n, r in parts.index(half).tensors.items() if n in names)
+    assert parts.held_bytes(ck, names) == plan["chunk1"].checkpoint_bytes == 2 * in_file
+    assert parts.held_bytes(half, names) == 2 * in_file
+    assert parts.held_bytes(half) == parts.held_bytes(ck) == sum(v.numel() * 4 for v in state.values())
+    assert parts.held_bytes(tmp_path / "nothing.pt") is None
+
+
 def test_part_of_a_sharded_checkpoint_reads_its_own_shards(tmp_path):
     """A part of a sharded transformers folder: its .pt2 refers to tensors in several shards; a worker given the
     config, the index and only those shards (what the Dask path ships, export/planner/tasks.py _weight_inputs)
@@ -441,7 +487,8 @@ def test_parted_build_converts_verifies_and_bundles_every_part(parted_built):
 
     plan = {q.name: q for q in parts.plan(_model(PartsConfig(chunks=2, head_part=True, head_split=24)),
                                           parts.index(p.root / "checkpoints" / "student.safetensors"), file="p")}
-    for part, mb in reserved.items():
+    for part, mb in reserved.items():  # an fp32 checkpoint: held as read
+        assert parts.held_bytes(ck, plan[part].tensors) == plan[part].checkpoint_bytes
         assert mb == STEPS["export_pytorch"].need_mb(plan[part].checkpoint_bytes)
 
 

@@ -457,8 +457,15 @@ def input_sizes(kwargs: dict, inputs: list[str]) -> list[int]:
     from ..weight_refs import external_sizes
 
     data = [_size(S.config.root / rel) for rel in inputs if (S.config.root / rel).exists()]
-    if "part" in kwargs:  # a part's export reads its own tensors, not the whole checkpoint (export/parts.py)
-        data.append(int(kwargs["part"].get("bytes", 0)))
+    if "checkpoint" in kwargs and "mode" in kwargs:  # an export: what it holds of the checkpoint, made fp32
+        part = kwargs.get("part")
+        held = parts_mod.held_bytes(kwargs["checkpoint"], part["tensors"] if part else None)
+        if part is not None:  # a part's export reads its own tensors, not the whole checkpoint (export/parts.py)
+            data.append(held if held is not None else int(part.get("bytes", 0)))
+        elif held is not None:  # a bf16 checkpoint is held at twice its size in the file
+            files = {Path(f).resolve() for f in checkpoint_files.input_files(kwargs["checkpoint"])}
+            data = [_size(S.config.root / r) for r in inputs
+                    if (S.config.root / r).exists() and (S.config.root / r).resolve() not in files] + [held]
     if "weights" in kwargs and "exported" in kwargs:  # each tensor on its own: the largest weighs more
         data.extend(external_sizes(kwargs["exported"]))
     return data + [_size(Path(p)) for p in _package_inputs(kwargs) if Path(p).exists()]

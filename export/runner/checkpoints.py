@@ -15,7 +15,7 @@ def load(path: str):
     stats = [os.stat(f) for f in input_files(path)]  # a model folder: its config.json and model.safetensors
     key = (os.path.abspath(path), *((st.st_ino, st.st_size, st.st_mtime_ns) for st in stats))
     if key not in _checkpoints:
-        _checkpoints.clear()
+        forget()
         ck = load(path)
         _checkpoints[key] = (ck, ck.model())
     return _checkpoints[key]
@@ -35,7 +35,18 @@ def load_part(path: str, part: dict):
     key = (os.path.abspath(path), *((st.st_ino, st.st_size, st.st_mtime_ns) for st in stats),
            json.dumps(part, sort_keys=True))
     if key not in _parts:
-        _parts.clear()
-        _checkpoints.clear()
+        forget()
         _parts[key] = load_part(path, part)
     return _parts[key]
+
+
+def forget() -> None:
+    """Drop what the worker holds of the checkpoint or part it loaded last before it loads another: the module,
+    and the programs it exported from it and kept for their conversion (export/runner/programs.py), which hold
+    its weights. An 8B model's part export peaked at 4.8-6.5 GB where the part alone takes 3.1 GB: the last
+    part's program was still kept (bench/results/scale-llama-3.1-8b-*.json)."""
+    from .programs import PROGRAMS
+
+    _parts.clear()
+    _checkpoints.clear()
+    PROGRAMS.clear()

@@ -25,6 +25,11 @@ class Programs:
         while self._kept and sum(n for _, n in self._kept.values()) > self.limit:
             self._kept.popitem(last=False)
 
+    def clear(self) -> None:
+        """Forget every kept program (export/runner/checkpoints.py: before the worker loads another checkpoint
+        or part, whose weights the kept programs would otherwise keep alive beside the new ones)."""
+        self._kept.clear()
+
     def take(self, digest: str):
         """The kept program whose saved bytes have ``digest`` (then forgotten), or None."""
         entry = self._kept.pop(digest, None)

@@ -1,7 +1,7 @@
 """The worker process itself (``python -m export.runner.worker_main``): runs the steps it is sent.
 
 It imports torch and coremltools once (through the step modules, export/runner/steps/) and keeps what
-it loaded between steps (export/runner/loaded.py). The planner's side of the pipes is export/runner/worker.py.
+it loaded between steps (export/runner/checkpoints.py, programs.py). The planner's side of the pipes is export/runner/worker.py.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import traceback
 
 from ..errors import ExportError
 from ..stepdefs import STEPS
+from . import checkpoints
 from .scratch import step_tempdir
 from .worker import StepFailed
 
@@ -26,6 +27,8 @@ def _execute(step: str, kwargs: dict, log: str):
     os.dup2(fd, 2)
     os.close(fd)
     try:
+        if not STEPS[step].uses_held:  # what earlier steps left held would only add to this step's peak
+            checkpoints.forget()
         _reset_peak()
         with step_tempdir(step):  # what the libraries leave in the TMPDIR goes with the step (export/runner/scratch.py)
             importlib.import_module(STEPS[step].module).run(**kwargs)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..checkpoints import forget
 from ..programs import PROGRAMS
 from ..outputs import write_package_manifest
 
@@ -17,6 +18,8 @@ def run(exported: str, contract: str, out: str, options: dict, weights: str | No
     program = PROGRAMS.take(file_digest(exported)) if exported.endswith(".pt2") and PROGRAMS else None
     if program is not None:
         print(f"{exported}: the program this worker exported, still in memory (not loaded again)")
+    else:  # what the worker holds (another part's weights, its programs) does not serve this conversion
+        forget()
     limits = device_limits or {"target": CoreMLOptions.from_dict(options, file=contract, field="options")
                                .minimum_deployment_target, "policy": "warn"}
     convert(exported, out, contract, options, program=program, weights=weights, device_limits=limits["policy"])
