@@ -35,6 +35,7 @@ from ..atomic import atomic_path
 from .checks import check_device_limits, check_finite, check_on_device, check_supported
 from .options import CHOICES, STATEFUL_TARGETS, CoreMLOptions
 from .spec import check_spec
+from .fp16_overflow import lean_fp16_overflow
 from .weight_file import integer_constants_inline
 from ..digest import file_digest
 from ..errors import ExportError, cli_errors
@@ -225,7 +226,9 @@ def convert(exported: Path | str, out: Path | str, contract_path: Path | str,
     _check_matches_contract(exported, fmt, program, c, contract_path)
     check_supported(program, file=exported)
     try:
-        with integer_constants_inline():  # every T's leaf gets the same weight file on iOS18 too (weight_file.py)
+        # every T's leaf gets the same weight file on iOS18 too (weight_file.py); the fp16 pass's overflow check
+        # does not take 8x an embedding table (fp16_overflow.py)
+        with integer_constants_inline(), lean_fp16_overflow():
             mlmodel = _ct_convert(program, c, opts)
     except ExportError:
         raise
