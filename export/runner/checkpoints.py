@@ -1,6 +1,7 @@
 """The checkpoint a worker process loaded last, kept for its next steps (as long as the worker lives)."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 
@@ -47,6 +48,8 @@ def forget() -> None:
     part's program was still kept (bench/results/scale-llama-3.1-8b-*.json)."""
     from .programs import PROGRAMS
 
-    _parts.clear()
-    _checkpoints.clear()
-    PROGRAMS.clear()
+    if _parts or _checkpoints or PROGRAMS:
+        _parts.clear()
+        _checkpoints.clear()
+        PROGRAMS.clear()
+        gc.collect()  # an ExportedProgram's graph modules refer to each other: without it, the weights wait for gc
