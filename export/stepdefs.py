@@ -80,19 +80,23 @@ STEPS: dict[str, Step] = {s.name: s for s in (
     Step("checkpoint", "export.runner.steps.checkpoint", ("torch",), True, 300, 2, ("checkpoint",)),
     Step("export_pytorch", "export.runner.steps.export_pytorch", ("torch", "numpy"), True, 400, 2,
          ("exported_program", "torchscript", "contract"), uses_held=True),
-    # convert: 500 + 2.2x the weights + 8.5x the largest weight on its own (the embedding table's gather constant
-    # is copied over and over: a 1B model's embedding part, one 1 GB tensor, peaked at 8.4-9.4 GB, while a chunk
-    # of 4 layers, 0.97 GB in 67 MB tensors, peaked at 2.7 GB; bench/results/scale-llama-3.2-1b-*.json). A
-    # self-contained program (TorchScript) is one input: its size counts as the largest (an over-estimate).
-    Step("convert_coreml", "export.runner.steps.convert_coreml", ("torch", "coremltools", "numpy"), False, 500, 2.2,
-         ("package", "manifest"), need_largest_factor=8.5, uses_held=True),
+    # convert: 500 + 1.5x the weights + 2.5x the largest weight on its own (the fp16 pass's overflow and underflow
+    # checks hold copies of one constant at a time: an 8B model's embedding part, one 2.1 GB fp32 table, peaked at
+    # 5.4 GB, a chunk of 2 layers, 1.74 GB in 235 MB tensors, at 3.2 GB, the whole 0.5B model at 3.9 GB;
+    # bench/results/scale-*-20261129-13*.json). A self-contained program (TorchScript) is one input: its size
+    # counts as the largest (an over-estimate).
+    Step("convert_coreml", "export.runner.steps.convert_coreml", ("torch", "coremltools", "numpy"), False, 500, 1.5,
+         ("package", "manifest"), need_largest_factor=2.5, uses_held=True),
     Step("compress_coreml", "export.runner.steps.compress_coreml", ("torch", "coremltools", "numpy"), False, 500, 4,
          ("package", "manifest", "quality")),
-    Step("verify_coreml", "export.runner.steps.verify_coreml", ("torch", "coremltools", "numpy"), False, 500, 2.4,
+    # verify: 500 + 1.6x what it reads (the package and the program's weights) + what grows with T (the worker no
+    # longer holds the last export's model beside it: 8B chunks 4.0 GB, the 0.5B model's prefill T2048 8.6 GB)
+    Step("verify_coreml", "export.runner.steps.verify_coreml", ("torch", "coremltools", "numpy"), False, 500, 1.6,
          ("verdict",), need_per_output_value=10.5, need_per_score=48),
     # base 450: a parted model's chain contract (bundle_coreml:<model>, a few kB of JSON) peaked at 542 MB in a
     # worker that still held its last merge (bench/results/scale-small-20261129-092958.json)
-    Step("bundle_coreml", "export.runner.steps.bundle_coreml", ("torch", "coremltools", "numpy"), False, 450, 1.5,
+    # 3.5x the largest package + 0.9x the others (they share its weight file): the 0.5B model's 4 leaves, 5.3 GB
+    Step("bundle_coreml", "export.runner.steps.bundle_coreml", ("torch", "coremltools", "numpy"), False, 450, 0.9,
          ("package", "manifest", "contract"), need_largest_factor=3.5),
     Step("export_onnx", "export.runner.steps.export_onnx", ("torch", "onnx", "onnxscript", "onnxruntime", "numpy"), True, 400, 4,
          ("onnx",), uses_held=True),
