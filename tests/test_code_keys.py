@@ -102,19 +102,49 @@ def test_keys_follow_the_file_stat_cache(tmp_path):
     assert parsed == []
 
 
+# One fresh process imports the libraries the steps use (torch, coremltools and what coremltools imports) and
+# none of the package; each step then runs in a child forked from it, so that the package modules in the child's
+# sys.modules are exactly those its step loaded, without paying the libraries' import (seconds) once per step.
 RUN_AND_LIST = r"""
-import importlib, json, sys
-mod, kwargs = sys.argv[1], json.loads(sys.argv[2])
-importlib.import_module(mod).run(**kwargs)
-print(json.dumps(sorted(n for n in sys.modules if n == "export" or n.startswith("export."))))
+import importlib, json, os, sys
+import torch, coremltools
+assert not [n for n in sys.modules if n == "export" or n.startswith("export.")], "the zygote loaded the package"
+loaded = []
+for mod, kwargs in json.loads(sys.argv[1]):
+    out = os.path.join(os.getcwd(), ".modules-run.json")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: a process of its own, the package not yet imported
+        code = 1
+        try:
+            importlib.import_module(mod).run(**kwargs)
+            with open(out, "w") as f:
+                json.dump(sorted(n for n in sys.modules if n == "export" or n.startswith("export.")), f)
+            code = 0
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{mod} failed ({os.waitstatus_to_exitcode(status)})")
+    with open(out) as f:
+        loaded.append(json.load(f))
+    os.remove(out)
+print(json.dumps(loaded))
 """
 
 
-def _modules_run(step: str, kwargs: dict, cwd: Path) -> set[str]:
-    r = subprocess.run([sys.executable, "-c", RUN_AND_LIST, STEPS[step].module, json.dumps(kwargs)], cwd=cwd,
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+def _modules_run(runs: list[tuple[str, dict]], cwd: Path) -> list[set[str]]:
+    """The package modules each of ``runs`` (step, kwargs), run one after the other, loaded."""
+    r = subprocess.run([sys.executable, "-c", RUN_AND_LIST, json.dumps([(STEPS[s].module, kw) for s, kw in runs])],
+                       cwd=cwd, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr[-3000:]
-    return set(json.loads(r.stdout.strip().splitlines()[-1]))
+    return [set(m) for m in json.loads(r.stdout.strip().splitlines()[-1])]
 
 
 def _as_files(modules: set[str]) -> set[str]:
@@ -152,8 +182,11 @@ def test_every_module_a_real_step_loads_is_in_its_key(tmp_path):
             "out": str(tmp_path / "student.mlpackage"), "contract_out": str(tmp_path / "contract.json")}),
     }
     keys = CodeKeys()
-    for (step, arch), (_, kwargs) in ran.items():
-        loaded = _as_files(_modules_run(step, kwargs, tmp_path))
+    runs = _modules_run(list(ran.values()), tmp_path)
+    assert len(runs) == len(ran)
+    for ((step, arch), _), modules in zip(ran.items(), runs):
+        loaded = _as_files(modules)
+        assert f"runner/steps/{step}.py" in loaded  # the step's own module: what it loaded was recorded
         missing = loaded - set(keys.files(step, arch))
         assert not missing, f"{step} ran modules its key does not cover: {sorted(missing)}"
 
