@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from faults import STEPS as TINY_STEPS
 from scenario import SHAPE_SETS, Project, write_student_checkpoint
 
 S = [f"student.{m}.T{t}" for m in ("prefill", "decode") for t in (16, 32)]
@@ -88,11 +89,13 @@ def test_a_corrupt_blob_is_dropped_and_rebuilt(project):
     assert project.artifact_digests() == reference
 
 
-def test_nightly_rebuilds_everything_and_proves_it_reproducible(project):
+def test_nightly_rebuilds_everything_and_proves_it_reproducible(tiny_built, tmp_path):
+    # the tiny project (faults.create_tiny: 8 steps, each kind of cached step): a nightly builds every step again
+    project = tiny_built.copy(tmp_path / "project")
     r = project.doit("nightly")
     report = json.loads((project.root / "artifacts" / "nightly.json").read_text())
     leaves = {n: t for n, t in report["tasks"].items() if "action_key" in t}  # the cached steps
-    assert leaves and all(t["status"] == "built" for t in leaves.values())  # no cache hits
+    assert set(leaves) == TINY_STEPS and all(t["status"] == "built" for t in leaves.values())  # no cache hits
     assert all(t["reproducible"] is True for t in leaves.values())
     assert report["non_reproducible"] == []
     for t in leaves.values():
@@ -117,14 +120,15 @@ def test_nightly_names_a_non_reproducible_step_and_file(project):
     assert report["non_reproducible"] == ["convert_coreml:student.decode.T32"]
 
 
-def test_shared_directory_store_serves_a_machine_with_an_empty_local_cache(built, tmp_path):
+def test_shared_directory_store_serves_a_machine_with_an_empty_local_cache(tiny_built, tmp_path):
     remote = tmp_path / "share"
-    a = built.copy(tmp_path / "a")
+    a = tiny_built.copy(tmp_path / "a")  # the tiny project (8 steps): what is published is what is served
     a.doit("nightly", env={"MODEL_EXPORT_REMOTE_CACHE": str(remote)})  # publishes everything to the share
-    b = Project.create(tmp_path / "b")
+    b = tiny_built.fresh(tmp_path / "b")
     b.doit(env={"MODEL_EXPORT_REMOTE_CACHE": str(remote), "MODEL_EXPORT_CACHE": str(tmp_path / "b-local")})
     assert b.ran() == set()
-    assert b.artifact_digests() == built.artifact_digests()
+    assert b.restored() == TINY_STEPS
+    assert b.artifact_digests() == tiny_built.artifact_digests()
 
 
 def test_cache_command_shows_entries_and_hit_rate(project):

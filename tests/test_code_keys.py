@@ -102,19 +102,49 @@ def test_keys_follow_the_file_stat_cache(tmp_path):
     assert parsed == []
 
 
+# One fresh process imports the libraries the steps use (torch, coremltools and what coremltools imports) and
+# none of the package; each step then runs in a child forked from it, so that the package modules in the child's
+# sys.modules are exactly those its step loaded, without paying the libraries' import (seconds) once per step.
 RUN_AND_LIST = r"""
-import importlib, json, sys
-mod, kwargs = sys.argv[1], json.loads(sys.argv[2])
-importlib.import_module(mod).run(**kwargs)
-print(json.dumps(sorted(n for n in sys.modules if n == "export" or n.startswith("export."))))
+import importlib, json, os, sys
+import torch, coremltools
+assert not [n for n in sys.modules if n == "export" or n.startswith("export.")], "the zygote loaded the package"
+loaded = []
+for mod, kwargs in json.loads(sys.argv[1]):
+    out = os.path.join(os.getcwd(), ".modules-run.json")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: a process of its own, the package not yet imported
+        code = 1
+        try:
+            importlib.import_module(mod).run(**kwargs)
+            with open(out, "w") as f:
+                json.dump(sorted(n for n in sys.modules if n == "export" or n.startswith("export.")), f)
+            code = 0
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{mod} failed ({os.waitstatus_to_exitcode(status)})")
+    with open(out) as f:
+        loaded.append(json.load(f))
+    os.remove(out)
+print(json.dumps(loaded))
 """
 
 
-def _modules_run(step: str, kwargs: dict, cwd: Path) -> set[str]:
-    r = subprocess.run([sys.executable, "-c", RUN_AND_LIST, STEPS[step].module, json.dumps(kwargs)], cwd=cwd,
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+def _modules_run(runs: list[tuple[str, dict]], cwd: Path) -> list[set[str]]:
+    """The package modules each of ``runs`` (step, kwargs), run one after the other, loaded."""
+    r = subprocess.run([sys.executable, "-c", RUN_AND_LIST, json.dumps([(STEPS[s].module, kw) for s, kw in runs])],
+                       cwd=cwd, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr[-3000:]
-    return set(json.loads(r.stdout.strip().splitlines()[-1]))
+    return [set(m) for m in json.loads(r.stdout.strip().splitlines()[-1])]
 
 
 def _as_files(modules: set[str]) -> set[str]:
@@ -152,8 +182,11 @@ def test_every_module_a_real_step_loads_is_in_its_key(tmp_path):
             "out": str(tmp_path / "student.mlpackage"), "contract_out": str(tmp_path / "contract.json")}),
     }
     keys = CodeKeys()
-    for (step, arch), (_, kwargs) in ran.items():
-        loaded = _as_files(_modules_run(step, kwargs, tmp_path))
+    runs = _modules_run(list(ran.values()), tmp_path)
+    assert len(runs) == len(ran)
+    for ((step, arch), _), modules in zip(ran.items(), runs):
+        loaded = _as_files(modules)
+        assert f"runner/steps/{step}.py" in loaded  # the step's own module: what it loaded was recorded
         missing = loaded - set(keys.files(step, arch))
         assert not missing, f"{step} ran modules its key does not cover: {sorted(missing)}"
 
@@ -165,15 +198,6 @@ def test_closure_of_a_module_that_is_not_there_is_empty():
 # --- through doit ----------------------------------------------------------------------------------
 
 DOIT_SCRIPT = Path(sys.executable).with_name("doit")
-
-
-@pytest.fixture(scope="module")
-def one_student(tmp_path_factory) -> Project:
-    """A built project with one student at one T (prefill and decode) and the demo judge."""
-    p = Project.create(tmp_path_factory.mktemp("codekeys") / "project")
-    p.set_shape_sets({"tiny": {"prefill": [16], "decode": [16]}, "tiny_judge": {"prefill": [16]}})
-    p.doit()
-    return p
 
 
 def doit_script(p: Project, *args, pythonpath: bool = True, check: bool = True) -> subprocess.CompletedProcess:
@@ -194,27 +218,27 @@ def edit_the_manifest_writer(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def edited_cold(one_student, tmp_path_factory) -> dict[str, str]:
-    """The artifact digests of a cold build (no artifacts, no state, an empty cache) of ``one_student``
-    with the edited manifest writer: what both runners' incremental builds below must give."""
-    cold = Project(tmp_path_factory.mktemp("codekeys-cold") / "project")
-    shutil.copytree(one_student.root, cold.root, ignore=shutil.ignore_patterns("artifacts", ".export", ".cache"))
+def edited_cold(tiny_built, tmp_path_factory) -> dict[str, str]:
+    """The artifact digests of a cold build (no artifacts, no state, an empty cache) of the run's tiny project
+    (faults.create_tiny: one student at T16, both modes) with the edited manifest writer: what both runners'
+    incremental builds below must give."""
+    cold = tiny_built.fresh(tmp_path_factory.mktemp("codekeys-cold") / "project")
     edit_the_manifest_writer(cold.root)
     cold.doit()
     return cold.artifact_digests()
 
 
 @pytest.mark.parametrize("runner", ["python -m doit", "doit"])
-def test_editing_the_manifest_writer_rebuilds_its_steps_and_matches_a_cold_build(one_student, edited_cold, tmp_path,
+def test_editing_the_manifest_writer_rebuilds_its_steps_and_matches_a_cold_build(tiny_built, edited_cold, tmp_path,
                                                                                   runner):
     """The finding of the keys issue: a change to how manifests are written must rebuild them."""
-    p = one_student.copy(tmp_path / "project")
+    p = tiny_built.copy(tmp_path / "project")
     build = (lambda: p.doit()) if runner == "python -m doit" else (lambda: doit_script(p))
     edit_the_manifest_writer(p.root)
     build()
-    converts = {"convert_coreml:student.prefill.T16", "convert_coreml:student.decode.T16", "convert_coreml:judge.prefill.T16"}
-    verifies = {"verify_coreml:" + c.split(":")[1] for c in converts} | {"verify_coreml:student", "verify_coreml:judge"}
-    assert p.ran() == converts | {"bundle_coreml:student", "bundle_coreml:judge"} | verifies
+    converts = {"convert_coreml:student.prefill.T16", "convert_coreml:student.decode.T16"}
+    verifies = {"verify_coreml:" + c.split(":")[1] for c in converts} | {"verify_coreml:student"}
+    assert p.ran() == converts | {"bundle_coreml:student"} | verifies
     manifest = p.root / "artifacts" / "student" / "coreml" / "prefill_T16.mlpackage.manifest.json"
     assert json.loads(manifest.read_text())["written_by"] == "an edited writer"
     assert p.artifact_digests() == edited_cold
@@ -223,19 +247,19 @@ def test_editing_the_manifest_writer_rebuilds_its_steps_and_matches_a_cold_build
 
 
 @pytest.mark.parametrize("runner", ["python -m doit", "doit"])
-def test_editing_a_model_module_reexports_that_architecture_only(one_student, tmp_path, runner):
-    p = one_student.copy(tmp_path / "project")
+def test_editing_a_model_module_reexports_that_architecture_only(scenario_built, tmp_path, runner):
+    p = scenario_built.copy(tmp_path / "project")  # a student and the judge, built
     judge = p.root / "export" / "models" / "judge.py"
     judge.write_text(judge.read_text() + "\n# a comment: new code key, same bytes\n")
     (lambda: p.doit())() if runner == "python -m doit" else doit_script(p)
     # Same bytes: early cutoff stops at the export.
-    assert p.ran() == {"checkpoint:judge", "export_pytorch:judge.prefill.T16"}
+    assert p.ran() == {"checkpoint:judge", "export_pytorch:judge.prefill.T16", "export_pytorch:judge.prefill.T32"}
 
 
-def test_the_console_script_refuses_another_checkouts_code(one_student, tmp_path):
+def test_the_console_script_refuses_another_checkouts_code(tiny_built, tmp_path):
     """doit (the console script) imports ``export`` from where the venv was installed; in another
     checkout that is not the code beside dodo.py, and the build stops before anything runs."""
-    p = one_student.copy(tmp_path / "project")
+    p = tiny_built.copy(tmp_path / "project")
     r = doit_script(p, pythonpath=False, check=False)
     assert r.returncode == 2
     lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]

@@ -280,7 +280,9 @@ def test_an_unreachable_scheduler_is_one_clear_error(tmp_path):
 @pytest.mark.slow
 def test_a_recipe_build_on_the_cluster_gives_a_local_builds_bytes(cluster, tmp_path):
     """compress_coreml and the recipe's bundle on the Dask path (prefill and decode); then a local nightly of the
-    same project against the same store rebuilds every step and finds the cluster's bytes (issue #17)."""
+    same project against the same store rebuilds every step and finds the cluster's bytes (issue #17). Both
+    builds are of the recipe's bundle and what it needs (7 steps): the float bundle and the verifications are
+    steps the other cluster tests run."""
     from scenario import RECIPES_TOML, export_head, model_toml, project_toml
 
     address, client, scratch = cluster
@@ -291,11 +293,12 @@ def test_a_recipe_build_on_the_cluster_gives_a_local_builds_bytes(cluster, tmp_p
         "student", "student", "checkpoints/student.pt", "one", coreml='{ minimum_deployment_target = "iOS18" }',
         recipes='["lut4"]')))
     fresh = p.copy(tmp_path / "local")
-    p.doit("--dask", address, env=env)
+    p.doit("--dask", address, "bundle_coreml:student.lut4", env=env)
     records = json.loads((p.root / "artifacts" / "last_build.json").read_text())["tasks"]
     recipe = {"compress_coreml:student.prefill.T16.lut4", "compress_coreml:student.decode.T16.lut4",
               "bundle_coreml:student.lut4"}
-    assert {n for n, r in records.items() if r["status"] == "built"} >= recipe
+    assert {n for n, r in records.items() if r["status"] == "built"} == recipe | {
+        f"{step}:student.{mode}.T16" for step in ("export_pytorch", "convert_coreml") for mode in ("prefill", "decode")}
     assert all(records[n]["worker"] in NAMES for n in recipe)  # they ran on the cluster
     art = p.root / "artifacts" / "student"
     for mode, positions in (("prefill", 4 * 16), ("decode", 16)):
@@ -306,7 +309,7 @@ def test_a_recipe_build_on_the_cluster_gives_a_local_builds_bytes(cluster, tmp_p
     assert (art / "student.lut4.mlpackage" / "Manifest.json").is_file()
     assert not list(scratch.glob("model-export-step-*"))
     # the same project built here, every step again, against the store the cluster filled
-    fresh.doit("nightly", env={**env, "MODEL_EXPORT_CACHE": str(tmp_path / "local-cache")})
+    fresh.doit("nightly", "bundle_coreml:student.lut4", env={**env, "MODEL_EXPORT_CACHE": str(tmp_path / "local-cache")})
     nightly = json.loads((fresh.root / "artifacts" / "nightly.json").read_text())
     assert nightly["non_reproducible"] == []
     assert all(nightly["tasks"][n]["reproducible"] is True for n in recipe)
@@ -317,15 +320,27 @@ def test_a_recipe_build_on_the_cluster_gives_a_local_builds_bytes(cluster, tmp_p
 def test_a_parted_build_on_the_cluster_gives_a_local_builds_bytes(cluster, parted_built, tmp_path):
     """A parted model (tests/test_parts.py's: a 4-layer student in chunks of 2 layers and a split head part) built
     on the cluster: each part's export gets the checkpoint shipped with its inputs and reads its own tensors; its
-    conversion and verification the tensors its .pt2 refers to. The artifacts are the local build's bytes."""
+    conversion and verification the tensors its .pt2 refers to. The artifacts are the local build's bytes.
+
+    Of the 25 steps, the cluster builds the 14 that hold every kind of part and of step: the first chunk's
+    prefill leaf (the embeddings), the middle chunk whole (both modes, its bundle and the bundle's check), the
+    head's prefill leaf (the split logits); the rest are the same steps on other tensors."""
     address, _, scratch = cluster
     p = parted_built.fresh(tmp_path / "project")
-    p.doit("--dask", address, env={"MODEL_EXPORT_REMOTE_CACHE": str(tmp_path / "share")})
+    targets = ("verify_coreml:student.prefill.T16.chunk0", "verify_coreml:student.chunk1",
+               "verify_coreml:student.prefill.T16.head")
+    p.doit("--dask", address, *targets, env={"MODEL_EXPORT_REMOTE_CACHE": str(tmp_path / "share")})
     records = _steps(p)
     parts = {n for n in records if n.endswith((".chunk0", ".chunk1", ".head"))}
+    leaves = ["prefill.T16.chunk0", "prefill.T16.chunk1", "decode.T16.chunk1", "prefill.T16.head"]
+    assert parts == ({f"{step}:student.{leaf}" for step in ("export_pytorch", "convert_coreml", "verify_coreml")
+                      for leaf in leaves} | {"bundle_coreml:student.chunk1", "verify_coreml:student.chunk1"})
     assert {n.split(":")[0] for n in parts} == {"export_pytorch", "convert_coreml", "verify_coreml", "bundle_coreml"}
     assert all(records[n]["status"] == "built" and records[n]["worker"] in NAMES for n in parts)
-    assert p.artifact_digests() == parted_built.artifact_digests()
+    built, local = p.artifact_digests(), parted_built.artifact_digests()
+    assert {"student/chunk0/coreml/prefill_T16.mlpackage.manifest.json", "student/head/coreml/prefill_T16.mlpackage.manifest.json",
+            "student/chunk1/student.chunk1.mlpackage/Manifest.json"} <= set(built), sorted(built)
+    assert built == {k: v for k, v in local.items() if k in built}
     assert not list(scratch.glob("model-export-step-*"))
 
 

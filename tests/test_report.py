@@ -405,8 +405,11 @@ def on_a_terminal(p: Project, *args: str) -> str:
     return out.decode(errors="replace")
 
 
-def test_plan_estimates_a_second_cold_build_from_its_history(built, tmp_path):
-    p = built[0].copy(tmp_path / "second")
+def test_plan_estimates_a_second_cold_build_from_its_history(tiny_built, tmp_path):
+    from faults import STEPS as TINY_STEPS
+
+    # the tiny project (faults.create_tiny: 8 steps of every cached kind), its history that of its one cold build
+    p = tiny_built.copy(tmp_path / "second")
     fresh = p.copy(tmp_path / "fresh")
     shutil.rmtree(fresh.root / ".export")
     said = fresh.doit("plan").stdout.splitlines()[-2]
@@ -415,10 +418,10 @@ def test_plan_estimates_a_second_cold_build_from_its_history(built, tmp_path):
         shutil.rmtree(p.root / d)
     planned = json.loads(p.doit("plan", "--json").stdout)
     estimate = planned["estimate"]
-    assert estimate["builds"] == 1 and estimate["without_history"] == [] and estimate["steps"] == LEAVES
+    assert estimate["builds"] == 1 and estimate["without_history"] == [] and estimate["steps"] == len(TINY_STEPS)
     assert {t["basis"] for t in planned["tasks"] if t["verdict"] != "up-to-date"} == {"same task"}
     text = p.doit("plan").stdout.splitlines()[-2]
-    assert text.startswith(f"estimate: about ") and f"for {LEAVES} steps (history of 1 build)" in text
+    assert text.startswith(f"estimate: about ") and f"for {len(TINY_STEPS)} steps (history of 1 build)" in text
     # the estimate is the history's: each step its recorded seconds, the whole their sum and the overhead (how
     # close that comes to the next build's wall time depends on the machine's load: a measurement, not a test)
     recorded = {t: r["seconds"] for t, r in history.read(p.root / ".export")[-1]["tasks"].items() if r["status"] == "built"}

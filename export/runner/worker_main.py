@@ -84,9 +84,30 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+class _NoTransformersForCoremltools:
+    """coremltools 9.0 tries ``import transformers`` when it is imported (its ``coremltools._deps`` module,
+    for a flag only coremltools' own tests read): with transformers installed (the hf extra) that costs every
+    worker about 1.5 s of its start, for every step of a Dask worker (export/runner/worker.py run_fresh). This
+    finder answers that one import (made by ``coremltools._deps`` itself) with ModuleNotFoundError, which
+    coremltools takes as "not installed"; every other import of transformers (export/models/hf_causal_lm.py)
+    is untouched."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name != "transformers":
+            return None
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_globals.get("__name__") == "coremltools._deps":
+                raise ModuleNotFoundError("transformers: not loaded for coremltools' optional probe", name=name)
+            frame = frame.f_back
+        return None
+
+
 def main(req_fd: int, rep_fd: int, parent: int | None = None) -> None:
     if parent is not None:
         _die_with_parent(parent)
+    sys.meta_path.insert(0, _NoTransformersForCoremltools)
     requests, replies = os.fdopen(req_fd, "rb"), os.fdopen(rep_fd, "wb")
     while True:
         try:
